@@ -1,0 +1,19 @@
+"""One error type for bad input, with a message that names what, where and the fix."""
+
+from __future__ import annotations
+
+
+class DPAInputError(ValueError):
+    """Bad user input (data, config, model pair), raised before any training starts."""
+
+    def __init__(self, problem: str, *, file: object = None, record: object = None, fix: str | None = None):
+        self.problem, self.file, self.record, self.fix = problem, file, record, fix
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if record is not None:
+            where.append(f"record {record!r}")
+        msg = (": ".join(where) + ": " if where else "") + problem
+        if fix:
+            msg += f" Fix: {fix}"
+        super().__init__(msg)
