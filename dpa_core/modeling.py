@@ -107,10 +107,11 @@ def multimodal_chat_template(tokenizer, image_token: str) -> str:
     return _FLATTEN_CONTENT.replace("@@IMAGE@@", image_token) + template
 
 
-def load_tokenizer(llm_path: str | os.PathLike, image_token: str = "<image>", add_image_token: bool = True):
-    """The LLM tokenizer with the image placeholder as one special token (added if missing)."""
+def load_tokenizer(llm_path: str | os.PathLike, image_token: str | None = "<image>", add_image_token: bool = True):
+    """The LLM tokenizer with the image placeholder as one special token (added if missing;
+    `image_token=None` for text-only use)."""
     tok = AutoTokenizer.from_pretrained(llm_path)
-    if image_token not in tok.get_vocab():
+    if image_token is not None and image_token not in tok.get_vocab():
         if not add_image_token:
             raise DPAInputError(
                 f"the tokenizer lacks the image token {image_token!r}.",
@@ -122,6 +123,22 @@ def load_tokenizer(llm_path: str | os.PathLike, image_token: str = "<image>", ad
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@torch.no_grad()
+def grow_vocab(lm, size: int) -> None:
+    """Resize embeddings for added tokens, new rows set to the mean of the old ones.
+
+    Deterministic on purpose: the finetune and merge stages each rebuild the model, and must
+    agree bit for bit on these rows (the image token's embedding is replaced by image features;
+    its output row only enters the softmax).
+    """
+    old = lm.get_input_embeddings().weight.shape[0]
+    if old >= size:
+        return
+    lm.resize_token_embeddings(size, mean_resizing=False)
+    for emb in {id(m.weight): m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None}.values():
+        emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
 
 
 def build_processor(vision_path, tokenizer, image_token: str = "<image>") -> LlavaProcessor:
@@ -174,8 +191,7 @@ def build_llava(
         )
 
     lm = language_model if language_model is not None else AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
-    if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    grow_vocab(lm, len(tokenizer))
     lm_cfg = lm.config
     config = LlavaConfig(
         vision_config=info.config.to_dict() | {"model_type": info.config.model_type},

@@ -1,0 +1,100 @@
+"""Greedy, batched answer generation with a saved Llava checkpoint (CPU or GPU).
+
+Batches are left-padded: a decoder continues from the last position of each row, so the prompts
+must end at the same column. Requests are sorted by prompt length first, so a batch pads little.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import DPAInputError
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str  # the user's text; the chat template and image placeholders are added here
+    images: tuple[Image.Image, ...] = ()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DPAInputError(f"device {device!r} was asked for but no CUDA GPU is visible.",
+                            fix="use device: auto or cpu, or run on a machine with a GPU.")
+    return resolved
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU half precision is slow and lossy
+
+
+def check_llava_dir(model_dir: str | os.PathLike) -> Path:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DPAInputError("no config.json: not a saved model directory.", file=model_dir,
+                            fix="point to a Llava checkpoint written by save_pretrained (the merge/train stage's output).")
+    return model_dir
+
+
+class LlavaGenerator:
+    """Loads a Llava checkpoint once; answers many (prompt, images) requests."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: torch.dtype | None = None):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.model_dir = check_llava_dir(model_dir)
+        self.device = resolve_device(device)
+        self.processor = AutoProcessor.from_pretrained(self.model_dir)
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = LlavaForConditionalGeneration.from_pretrained(
+            self.model_dir, dtype=dtype or default_dtype(self.device)).to(self.device).eval()
+
+    def chat_text(self, request: GenerationRequest) -> str:
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": request.prompt}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: list[GenerationRequest], max_new_tokens: int) -> list[str]:
+        texts = [self.chat_text(r) for r in requests]
+        images = [img for r in requests for img in r.images]
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        tokenizer = self.processor.tokenizer
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def generate(self, requests: list[GenerationRequest], batch_size: int = 8, max_new_tokens: int = 16,
+                 desc: str = "generating") -> list[str]:
+        if batch_size < 1:
+            raise DPAInputError(f"batch_size must be >= 1, got {batch_size}.", fix="set batch_size to 1 or more.")
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
+        replies: list[str | None] = [None] * len(requests)
+        with tqdm(total=len(requests), desc=desc, unit="q") as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                for i, reply in zip(chunk, self._generate_batch([requests[i] for i in chunk], max_new_tokens)):
+                    replies[i] = reply
+                bar.update(len(chunk))
+        return [r if r is not None else "" for r in replies]
+
+    def __call__(self, requests: list[GenerationRequest], **kwargs) -> list[str]:
+        return self.generate(requests, **kwargs)

@@ -1,0 +1,160 @@
+"""Read a benchmark in VLMEvalKit's TSV format into plain records.
+
+The format (one row per question, tab-separated, header line):
+  index     unique id
+  image     base64-encoded image; a value of <= 64 characters is the index of another row whose
+            image is reused (VLMEvalKit's space saving); may be a Python-literal list of base64 images
+  image_path  alternative to image: a path relative to the TSV (or absolute)
+  question  the question text
+  A, B, ... option texts; present => multiple choice, absent => short answer
+  answer    the correct letter (multiple choice), or the answer text / a Python-literal list of
+            accepted answers (short answer)
+  category  optional, for per-category accuracy; hint: optional context put before the question
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import io
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DPAInputError
+
+MCQ = "mcq"
+SHORT_ANSWER = "short_answer"
+DEFAULT_CATEGORY = "all"
+_REQUIRED_COLUMNS = ("index", "question", "answer")
+_IMAGE_REF_MAX_LEN = 64  # VLMEvalKit: an image cell this short names another row instead of holding pixels
+
+
+@dataclass(frozen=True)
+class BenchmarkItem:
+    index: str
+    question: str
+    answer: str
+    category: str = DEFAULT_CATEGORY
+    options: dict[str, str] = field(default_factory=dict)  # letter -> text; empty for short answer
+    hint: str | None = None
+    images_b64: tuple[str, ...] = ()
+    image_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TsvBenchmark:
+    name: str
+    path: Path
+    kind: str  # MCQ or SHORT_ANSWER
+    items: list[BenchmarkItem]
+
+
+def _cell(row: pd.Series, column: str) -> str | None:
+    if column not in row.index:
+        return None
+    value = row[column]
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _as_list(value: str) -> list[str]:
+    """A cell that may hold a Python-literal list ("['a', 'b']") or a single value."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return [value]
+        if isinstance(parsed, (list, tuple)):
+            return [str(v) for v in parsed]
+    return [value]
+
+
+def _resolve_images(frame: pd.DataFrame, path: Path) -> dict[str, list[str]]:
+    if "image" not in frame.columns:
+        return {}
+    raw = {str(i): _cell(r, "image") for i, (_, r) in zip(frame["index"], frame.iterrows())}
+    resolved = {}
+    for idx, value in raw.items():
+        if value is None:
+            resolved[idx] = []
+            continue
+        if len(value) <= _IMAGE_REF_MAX_LEN:
+            target = raw.get(value)
+            if target is None or len(target) <= _IMAGE_REF_MAX_LEN:
+                raise DPAInputError(
+                    f"the image cell {value!r} is neither base64 data nor the index of a row with an image.",
+                    file=path, record=idx,
+                    fix="put the base64-encoded image in the 'image' column (or the index of a row that has one).",
+                )
+            value = target
+        resolved[idx] = _as_list(value)
+    return resolved
+
+
+def _options(row: pd.Series) -> dict[str, str]:
+    return {letter: text for letter in string.ascii_uppercase if (text := _cell(row, letter)) is not None}
+
+
+def read_tsv_benchmark(path: str | os.PathLike, name: str | None = None, limit: int | None = None) -> TsvBenchmark:
+    path = Path(path)
+    if not path.is_file():
+        raise DPAInputError("benchmark TSV not found.", file=path, fix="check the path in the benchmark spec.")
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DPAInputError(f"cannot parse as TSV: {err}", file=path,
+                            fix="write a tab-separated file with a header line (VLMEvalKit format).") from err
+    missing = [c for c in _REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DPAInputError(f"missing column(s) {missing}; found {list(frame.columns)}.", file=path,
+                            fix="use VLMEvalKit's TSV columns: index, image, question, A..D (MCQ), answer, category.")
+    if frame["index"].duplicated().any():
+        dup = frame["index"][frame["index"].duplicated()].iloc[0]
+        raise DPAInputError("duplicate index.", file=path, record=dup, fix="give every row a unique index.")
+    kind = MCQ if {"A", "B"} <= set(frame.columns) else SHORT_ANSWER
+    images = _resolve_images(frame, path)
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    items = [_item(row, kind, images, path) for _, row in frame.iterrows()]
+    if not items:
+        raise DPAInputError("the benchmark has no rows.", file=path, fix="add questions, or drop the benchmark.")
+    return TsvBenchmark(name=name or path.stem, path=path, kind=kind, items=items)
+
+
+def _item(row: pd.Series, kind: str, images: dict[str, list[str]], path: Path) -> BenchmarkItem:
+    idx = str(row["index"])
+    question, answer = _cell(row, "question"), _cell(row, "answer")
+    if question is None or answer is None:
+        raise DPAInputError("empty question or answer.", file=path, record=idx, fix="fill in both cells.")
+    options = _options(row) if kind == MCQ else {}
+    if kind == MCQ and answer.strip() not in options:
+        raise DPAInputError(
+            f"answer {answer!r} is not one of this row's option letters {sorted(options)}.",
+            file=path, record=idx, fix="put the correct option's letter (A, B, ...) in the 'answer' column.",
+        )
+    image_path = _cell(row, "image_path")
+    paths = tuple(p if os.path.isabs(p) else str(path.parent / p) for p in _as_list(image_path)) if image_path else ()
+    return BenchmarkItem(
+        index=idx, question=question, answer=answer.strip() if kind == MCQ else answer,
+        category=_cell(row, "category") or DEFAULT_CATEGORY, options=options, hint=_cell(row, "hint"),
+        images_b64=tuple(images.get(idx, ())), image_paths=paths,
+    )
+
+
+def load_item_images(item: BenchmarkItem, path: Path | None = None) -> list[Image.Image]:
+    """Decode an item's images (base64 cells, else image_path files) as RGB."""
+    try:
+        if item.images_b64:
+            return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in item.images_b64]
+        return [Image.open(p).convert("RGB") for p in item.image_paths]
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
+        raise DPAInputError(f"cannot decode the image: {err}", file=path, record=item.index,
+                            fix="store a base64-encoded PNG/JPEG in 'image', or a readable file in 'image_path'.") from err

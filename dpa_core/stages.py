@@ -1,0 +1,206 @@
+"""The four training stages of DPA, each one function: typed inputs in, an output directory out.
+
+    proxy_pretrain  LoRA on the target LLM over caption text only (PMO)          -> adapter
+    align           connector only, against the LLM (+ merged proxy adapter)   -> connector
+    finetune        connector + LLM (LoRA or full), original LLM, chat data     -> adapter or model
+    merge           fold the LoRA into the LLM                                  -> standalone Llava dir
+
+Method arms are two switches: `proxy` (align against the proxy LLM) and the loss kind
+(vanilla | cmo | cal). No orchestration here: the pipelines call these functions.
+Every output directory is written atomically (see io.atomic_dir); resumable checkpoints live in
+a separate work directory next to it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from .data import Collator, Encoder, MultimodalDataset, TextDataset, load_llava_records, load_text_records
+from .errors import DPAInputError
+from .io import atomic_dir, read_json, write_json_atomic
+from .losses import LossConfig
+from .modeling import build_llava, load_tokenizer, save_connector, save_llava, vision_info, CONNECTOR_FILE
+from .trainer import TrainSettings, train, use_bf16
+
+# Linear layers of the decoder blocks across supported families (phi3 fuses qkv and gate/up).
+LLM_LINEAR = r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    vision: Path
+    llm: Path
+    image_token: str = "<image>"
+    add_image_token: bool = True
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 256
+    alpha: int = 512
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataSource:
+    path: Path
+    image_root: Path | None = None
+
+
+@dataclass
+class StageResult:
+    out_dir: Path
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def _dtype(settings: TrainSettings) -> torch.dtype:
+    return torch.bfloat16 if use_bf16(settings) else torch.float32
+
+
+def _work_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.work")
+
+
+def _finish(out_dir: Path, run: dict, extra: dict, write) -> StageResult:
+    """Write the stage's output atomically (main process only) and drop the work dir."""
+    metrics = {**extra, **{f"train/{k}": v for k, v in run["train"].items() if isinstance(v, (int, float))}}
+    if run["is_main_process"]:
+        with atomic_dir(out_dir) as tmp:
+            write(tmp)
+            write_json_atomic(tmp / "metrics.json", metrics)
+            write_json_atomic(tmp / "history.json", run["history"])
+        shutil.rmtree(_work_dir(out_dir), ignore_errors=True)
+    return StageResult(Path(out_dir), metrics, run["history"])
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _upcast_trainable(model: torch.nn.Module) -> None:
+    # Trainable weights stay fp32 (master weights) even when the frozen ones are bf16.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def load_records(sources: Sequence[DataSource], *, require_image: bool = True):
+    return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image)]
+
+
+def load_proxy_llm(llm: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32):
+    """The proxy LLM: the target LLM with the proxy LoRA merged in."""
+    base = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSettings, settings: TrainSettings,
+                   max_length: int = 512, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
+    """PMO: adapt a copy of the LLM to the caption corpus's language, text only, with LoRA."""
+    out_dir = Path(out_dir)
+    texts = load_text_records(text_corpus)
+    tok = load_tokenizer(llm, image_token=None)
+    model = AutoModelForCausalLM.from_pretrained(llm, dtype=_dtype(settings))
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    _upcast_trainable(model)
+    run = train(model, TextDataset(texts, Encoder(tok, max_length=max_length)), Collator(tok.pad_token_id), settings,
+                _work_dir(out_dir), multimodal=False, callbacks=callbacks,
+                fingerprint={"stage": "proxy", "llm": str(llm), "corpus": str(text_corpus), "lora": asdict(lora)})
+    extra = {"n_texts": len(texts), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return _finish(out_dir, run, extra, lambda tmp: model.save_pretrained(tmp))
+
+
+def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, loss: LossConfig,
+          settings: TrainSettings, proxy_adapter: Path | None = None, max_length: int = 2048,
+          callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
+    """Train the connector only; the LLM (proxy if given) and the vision tower stay frozen."""
+    out_dir = Path(out_dir)
+    records = load_records(captions)
+    dtype = _dtype(settings)
+    lm = load_proxy_llm(paths.llm, Path(proxy_adapter), dtype) if proxy_adapter else None
+    model, processor = build_llava(paths.vision, paths.llm, language_model=lm, image_token=paths.image_token,
+                                   add_image_token=paths.add_image_token, dtype=dtype)
+    _freeze(model)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    _upcast_trainable(model)
+    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length)
+    run = train(model, MultimodalDataset(records, enc.plain, processor.image_processor),
+                Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
+                callbacks=callbacks,
+                fingerprint={"stage": "align", "paths": asdict(paths), "captions": [asdict(c) for c in captions],
+                             "proxy": str(proxy_adapter)})
+    return _finish(out_dir, run, {"n_records": len(records), "proxy": proxy_adapter is not None},
+                   lambda tmp: save_connector(model, tmp / CONNECTOR_FILE))
+
+
+def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSource], out_dir: Path, *,
+             loss: LossConfig, settings: TrainSettings, tune: Literal["lora", "full"] = "lora",
+             lora: LoraSettings | None = None, max_length: int = 2048,
+             callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
+    """Instruction tuning of the original LLM with the learned connector; loss on answers only.
+
+    Writes `adapter/` (LoRA on the LLM + the connector as a saved module) when tune == "lora",
+    else `model/` (a full Llava checkpoint). The vision tower stays frozen.
+    """
+    out_dir = Path(out_dir)
+    records = load_records(instructions)
+    model, processor = build_llava(paths.vision, paths.llm, connector_path=connector, image_token=paths.image_token,
+                                   add_image_token=paths.add_image_token, dtype=_dtype(settings))
+    _freeze(model.model.vision_tower)
+    if tune == "lora":
+        lora = lora or LoraSettings(r=128, alpha=256, dropout=0.05)
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=rf"model\.language_model\..*\.{LLM_LINEAR}",
+            modules_to_save=["multi_modal_projector"]))
+    elif tune != "full":
+        raise DPAInputError(f"unknown finetune mode {tune!r}.", fix="use tune: lora or tune: full.")
+    _upcast_trainable(model)
+    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length)
+    run = train(model, MultimodalDataset(records, enc.chat, processor.image_processor),
+                Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
+                callbacks=callbacks,
+                fingerprint={"stage": "finetune", "paths": asdict(paths), "connector": str(connector), "tune": tune,
+                             "lora": asdict(lora) if lora else None, "data": [asdict(d) for d in instructions]})
+
+    def write(tmp: Path) -> None:
+        if tune == "lora":
+            model.save_pretrained(tmp / "adapter")
+        else:
+            model.save_pretrained(tmp / "model")
+        processor.save_pretrained(tmp / ("adapter" if tune == "lora" else "model"))
+
+    return _finish(out_dir, run, {"n_records": len(records), "tune": tune}, write)
+
+
+def merge(paths: ModelPaths, finetuned: Path, out_dir: Path) -> StageResult:
+    """One standalone Llava checkpoint: base + LoRA folded in (or the fully tuned model, copied)."""
+    finetuned, out_dir = Path(finetuned), Path(out_dir)
+    if (finetuned / "model").is_dir():
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(finetuned / "model", tmp, dirs_exist_ok=True)
+        return StageResult(out_dir, {"merged": False})
+    adapter = finetuned / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise DPAInputError("no finetune output here (neither adapter/ nor model/).", file=finetuned,
+                            fix="run the finetune stage first.")
+    model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
+                                   add_image_token=paths.add_image_token)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    save_llava(model, processor, out_dir)
+    return StageResult(out_dir, {"merged": True})
+
+
+def stage_metrics(out_dir: Path) -> dict:
+    return read_json(Path(out_dir) / "metrics.json")

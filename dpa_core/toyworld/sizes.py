@@ -1,0 +1,122 @@
+"""World sizes: every knob of a toy world (data counts, image size, model widths, training steps)
+is a field of one frozen dataclass, so a size is a plain value that goes into the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from dpa_core.errors import DPAInputError
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    # images and the data built on them
+    image_size: int
+    n_train_images: int
+    n_bench_images: int
+    max_objects: int  # objects per scene, 1..4 (4 shapes, each used at most once per scene)
+    min_instruct_turns: int
+    max_instruct_turns: int
+    # plain facts the base LLM learns (the text-only benchmark asks about them)
+    n_entities: int
+    # the base LLM's own pretraining corpus
+    n_llm_scene_docs: int  # plain scene descriptions (text only, no images)
+    n_llm_chat_docs: int  # chat-formatted QA (about facts, and about scenes given as text)
+    fact_repeats: int  # how often each entity's fact sheet appears in the corpus
+    # tokenizer
+    vocab_size: int
+    # base LLM (Qwen2ForCausalLM)
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    llm_kv_heads: int
+    llm_intermediate: int
+    llm_max_positions: int
+    llm_block: int  # training window in tokens
+    llm_batch: int
+    llm_steps: int
+    llm_lr: float
+    # vision tower (CLIPModel, trained contrastively)
+    clip_patch: int
+    clip_hidden: int
+    clip_layers: int
+    clip_heads: int
+    clip_intermediate: int
+    clip_projection: int
+    clip_text_max_len: int
+    clip_batch: int
+    clip_steps: int
+    clip_lr: float
+    # measurement
+    ppl_texts: int  # texts per style for metrics/prior_gap.json
+
+
+SIZES: dict[str, WorldSize] = {
+    # CI: the whole build in well under a minute on 2 cores.
+    "smoke": WorldSize(
+        image_size=32, n_train_images=160, n_bench_images=24, max_objects=4,
+        min_instruct_turns=2, max_instruct_turns=3,
+        n_entities=12, n_llm_scene_docs=1200, n_llm_chat_docs=1200, fact_repeats=12,
+        vocab_size=512,
+        llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
+        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=3e-3,
+        clip_patch=8, clip_hidden=64, clip_layers=2, clip_heads=2, clip_intermediate=128,
+        clip_projection=32, clip_text_max_len=48, clip_batch=64, clip_steps=100, clip_lr=1e-3,
+        ppl_texts=48,
+    ),
+    # README demo: at most 5 minutes on 2 cores and 50 MB on disk.
+    "default": WorldSize(
+        image_size=48, n_train_images=3000, n_bench_images=150, max_objects=4,
+        min_instruct_turns=2, max_instruct_turns=4,
+        n_entities=40, n_llm_scene_docs=12000, n_llm_chat_docs=12000, fact_repeats=20,
+        vocab_size=1024,
+        llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
+        llm_max_positions=512, llm_block=256, llm_batch=32, llm_steps=1500, llm_lr=2e-3,
+        clip_patch=12, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
+        clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=500, clip_lr=1e-3,
+        ppl_texts=200,
+    ),
+}
+
+
+def resolve_size(size: str | WorldSize, overrides: Mapping[str, Any] | None = None) -> WorldSize:
+    """The named size with individual fields replaced, checked for consistency."""
+    if isinstance(size, WorldSize):
+        base = size
+    elif size in SIZES:
+        base = SIZES[size]
+    else:
+        raise DPAInputError(f"unknown toy world size {size!r}.", fix=f"use one of {sorted(SIZES)}.")
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(WorldSize)}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise DPAInputError(f"unknown toy world setting {name!r}.", fix=f"use one of {sorted(fields)}.")
+        want = float if fields[name].type == "float" else int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (want is int and not isinstance(value, int)):
+            raise DPAInputError(f"toy world setting {name!r} must be a {want.__name__}, got {value!r}.")
+        overrides[name] = want(value)
+    ws = dataclasses.replace(base, **overrides)
+    _check(ws)
+    return ws
+
+
+def _check(ws: WorldSize) -> None:
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise DPAInputError(f"inconsistent toy world size: {problem}.")
+
+    for f in dataclasses.fields(ws):
+        need(getattr(ws, f.name) > 0, f"{f.name} must be positive")
+    need(1 <= ws.max_objects <= 4, "max_objects must be 1..4")
+    need(ws.min_instruct_turns <= ws.max_instruct_turns, "min_instruct_turns > max_instruct_turns")
+    need(ws.image_size >= 24, "image_size must be at least 24 pixels")
+    need(ws.image_size % ws.clip_patch == 0, "image_size must be a multiple of clip_patch")
+    need(ws.llm_hidden % ws.llm_heads == 0, "llm_hidden must be a multiple of llm_heads")
+    need(ws.llm_heads % ws.llm_kv_heads == 0, "llm_heads must be a multiple of llm_kv_heads")
+    need(ws.clip_hidden % ws.clip_heads == 0, "clip_hidden must be a multiple of clip_heads")
+    need(ws.llm_block < ws.llm_max_positions, "llm_block must be below llm_max_positions")
+    need(ws.vocab_size >= 300, "vocab_size must be at least 300 (256 bytes + special tokens + merges)")
+    need(ws.n_entities >= 4, "n_entities must be at least 4")

@@ -1,0 +1,178 @@
+"""The training loop: the HF Trainer with a `compute_loss` override, nothing forked.
+
+The Trainer brings gradient accumulation, cosine schedule with warmup, bf16, gradient
+checkpointing, periodic checkpoints and resume, a progress bar, and multi-GPU under
+`accelerate launch` with no code change. We add the loss (vanilla / CMO / CAL), CMO weight
+statistics in the logs, a global batch size that stays fixed whatever the number of processes,
+and a work directory that is resumed only by the same run configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .errors import DPAInputError
+from .losses import LossConfig
+from .objective import multimodal_loss, text_loss
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    learning_rate: float = 2e-3
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    global_batch_size: int = 8  # fixed; gradient accumulation derived from processes x per-device batch
+    per_device_batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_steps: int = 500  # periodic checkpoints for resume (0: none)
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    dataloader_workers: int = 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(settings: TrainSettings, processes: int | None = None) -> int:
+    processes = processes or world_size()
+    per_step = settings.per_device_batch_size * processes
+    if settings.global_batch_size % per_step:
+        raise DPAInputError(
+            f"global_batch_size {settings.global_batch_size} is not a multiple of per_device_batch_size "
+            f"{settings.per_device_batch_size} x {processes} processes.",
+            fix="choose sizes so that global = per_device x processes x accumulation.")
+    return settings.global_batch_size // per_step
+
+
+def use_bf16(settings: TrainSettings) -> bool:
+    if settings.precision == "fp32":
+        return False
+    has = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if settings.precision == "bf16" and not has:
+        raise DPAInputError("precision bf16 asked for, but no GPU with bf16 is available.",
+                            fix="set train precision: auto (fp32 on CPU).")
+    return has
+
+
+def training_arguments(settings: TrainSettings, work_dir: Path) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(settings),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        full_determinism=not cuda,  # deterministic on CPU; GPU kernels stay fast
+        bf16=use_bf16(settings),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps" if settings.save_steps > 0 else "no",
+        save_steps=max(settings.save_steps, 1),
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        report_to="none",  # tracking is the pipeline's job (MLflow callback)
+        remove_unused_columns=False,
+        dataloader_num_workers=settings.dataloader_workers,
+        use_cpu=not cuda,
+        disable_tqdm=False,
+    )
+
+
+class DPATrainer(Trainer):
+    """Trainer whose loss is vanilla, CMO or CAL (multimodal batches) or plain CE (text batches)."""
+
+    def __init__(self, *args, loss_config: LossConfig | None = None, multimodal: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config or LossConfig()
+        self.multimodal = multimodal
+        # Our losses are per-micro-batch means, so the Trainer divides by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._stat_sums: dict[str, float] = defaultdict(float)
+        self._stat_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.multimodal:
+            return text_loss(model, inputs)
+        loss, stats = multimodal_loss(model, inputs, self.loss_config, return_stats=True)
+        if stats:
+            for k, v in stats.items():
+                self._stat_sums[k] += v
+            self._stat_count += 1
+        return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._stat_count and "loss" in logs:
+            prefix = self.loss_config.kind
+            logs.update({f"{prefix}/{k}": v / self._stat_count for k, v in self._stat_sums.items()})
+            self._stat_sums.clear()
+            self._stat_count = 0
+        super().log(logs, *args, **kwargs)
+
+
+class LossHistory(TrainerCallback):
+    """Keeps the logged per-step records, for the stage's metrics file."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.records.append({"step": state.global_step, **logs})
+
+
+def prepare_work_dir(work_dir: Path, fingerprint: dict) -> str | None:
+    """Resume from `work_dir`'s last checkpoint only if it was made by the same run configuration."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+    stamp = work_dir / "run_fingerprint.txt"
+    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != digest):
+        shutil.rmtree(work_dir)  # stale checkpoints of another configuration
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest)
+    return get_last_checkpoint(str(work_dir))
+
+
+def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, loss_config: LossConfig | None = None,
+          multimodal: bool = True, callbacks: Sequence[TrainerCallback] = (), fingerprint: dict | None = None) -> dict:
+    """Train `model` in place; returns {"history": [...], "train": final metrics}. Resumes after a crash."""
+    work_dir = Path(work_dir)
+    fp = {"settings": asdict(settings), "loss": asdict(loss_config) if loss_config else None, **(fingerprint or {})}
+    resume = prepare_work_dir(work_dir, fp)
+    history = LossHistory()
+    trainer = DPATrainer(
+        model=model,
+        args=training_arguments(settings, work_dir),
+        train_dataset=dataset,
+        data_collator=collator,
+        loss_config=loss_config,
+        multimodal=multimodal,
+        callbacks=[history, *callbacks],
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    return {"history": history.records, "train": dict(result.metrics), "resumed_from": resume,
+            "world_size": trainer.args.world_size, "is_main_process": trainer.is_world_process_zero()}
