@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -21,6 +22,12 @@ from ..errors import DPAInputError
 class GenerationRequest:
     prompt: str  # the user's text; the chat template and image placeholders are added here
     images: tuple[Image.Image, ...] = ()
+    # Decodes the images when the request's batch runs, so a large benchmark never holds all its
+    # pixels at once. Used instead of `images` when given.
+    load_images: Callable[[], list[Image.Image]] | None = None
+
+    def image_list(self) -> list[Image.Image]:
+        return list(self.load_images()) if self.load_images is not None else list(self.images)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -63,15 +70,16 @@ class LlavaGenerator:
         self.model = LlavaForConditionalGeneration.from_pretrained(
             self.model_dir, dtype=dtype or default_dtype(self.device)).to(self.device).eval()
 
-    def chat_text(self, request: GenerationRequest) -> str:
-        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": request.prompt}]
+    def chat_text(self, prompt: str, n_images: int) -> str:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
     def _generate_batch(self, requests: list[GenerationRequest], max_new_tokens: int) -> list[str]:
-        texts = [self.chat_text(r) for r in requests]
-        images = [img for r in requests for img in r.images]
+        per_request = [r.image_list() for r in requests]
+        texts = [self.chat_text(r.prompt, len(imgs)) for r, imgs in zip(requests, per_request)]
+        images = [img for imgs in per_request for img in imgs]
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:

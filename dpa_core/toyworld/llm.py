@@ -1,0 +1,78 @@
+"""The base LLM: a tiny Qwen2ForCausalLM pretrained here on its own-style corpus, nanoGPT style
+(all documents laid end to end, random windows, next-token loss on every token)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from .chat import END_OF_TEXT, IM_END
+from .sizes import WorldSize
+
+
+def make_llm(ws: WorldSize, tok: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=ws.llm_hidden,
+        intermediate_size=ws.llm_intermediate,
+        num_hidden_layers=ws.llm_layers,
+        num_attention_heads=ws.llm_heads,
+        num_key_value_heads=ws.llm_kv_heads,
+        max_position_embeddings=ws.llm_max_positions,
+        tie_word_embeddings=True,  # as the small Qwen2.5 models; halves the parameters here
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def token_stream(tok: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
+    ids = tok(docs, add_special_tokens=False)["input_ids"]
+    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warmup over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(model: Qwen2ForCausalLM, stream: torch.Tensor, ws: WorldSize, seed: int) -> dict:
+    """Train in place; returns loss statistics for the manifest."""
+    gen = torch.Generator().manual_seed(seed)
+    block = min(ws.llm_block, len(stream))
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.llm_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    losses = []
+    for step in range(ws.llm_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, ws.llm_steps, ws.llm_lr)
+        starts = torch.randint(0, len(stream) - block + 1, (ws.llm_batch,), generator=gen)
+        batch = torch.stack([stream[s : s + block] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss  # the model shifts labels by one
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "tokens_in_corpus": len(stream)}
+
+
+def save_llm(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, out_dir) -> None:
+    # A chat turn ends with <|im_end|>; a document with <|endoftext|>: generation stops at either.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(END_OF_TEXT)],
+        pad_token_id=tok.convert_tokens_to_ids(END_OF_TEXT),
+        do_sample=False,
+    )
+    model.save_pretrained(out_dir)  # safetensors
+    tok.save_pretrained(out_dir)

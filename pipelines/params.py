@@ -1,0 +1,410 @@
+"""params.yaml: load, apply the profile and overrides, validate against a typed schema.
+
+The schema is a tree of dataclasses mirroring params.yaml. Validation walks the YAML against it:
+an unknown key names the nearest valid one, a wrong type or an impossible value names the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from dpa_core.errors import DPAInputError
+
+PROFILE_DIR = Path("configs/profiles")
+
+
+class ParamsError(DPAInputError):
+    pass
+
+
+# ---- schema -----------------------------------------------------------------------------------
+
+@dataclass
+class World:
+    size: Literal["smoke", "default"] = "default"
+    seed: int = 0
+    out: str = "data/toyworld"
+
+
+@dataclass
+class Model:
+    vision: str = ""
+    llm: str = ""
+    image_token: str = "<image>"
+    add_image_token: bool = True
+
+
+@dataclass
+class CaptionSource:
+    name: str = ""
+    path: str = ""
+    image_root: str = ""
+    weight: float = 1.0
+    count: Optional[int] = None
+
+    def check(self, key: str) -> None:
+        _positive(self.weight, f"{key}.weight", allow_zero=True)
+        if self.count is not None:
+            _positive(self.count, f"{key}.count")
+
+
+@dataclass
+class InstructionSource:
+    name: str = ""
+    path: str = ""
+    image_root: str = ""
+
+
+@dataclass
+class Data:
+    root: str = "data"
+    captions: list[CaptionSource] = field(default_factory=list)
+    instructions: list[InstructionSource] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        for what in ("captions", "instructions"):
+            sources = getattr(self, what)
+            if not sources:
+                raise ParamsError(f"{key}.{what} is empty.", file="params.yaml", fix=f"list at least one source.")
+            names = [s.name for s in sources]
+            if len(set(names)) != len(names):
+                raise ParamsError(f"{key}.{what} has duplicate names {names}.", file="params.yaml",
+                                  fix="give each source a unique name.")
+            root = Path(self.root).resolve()
+            for i, s in enumerate(sources):
+                for attr in ("path", "image_root"):
+                    p = Path(getattr(s, attr)).resolve()
+                    if not p.is_relative_to(root):
+                        raise ParamsError(
+                            f"{key}.{what}[{i}].{attr} = {getattr(s, attr)!r} is outside data.root ({self.root}); "
+                            "DVC would not see changes to it.", file="params.yaml",
+                            fix="move or symlink the data under data.root, or set data.root to a common parent.")
+
+
+@dataclass
+class Mix:
+    seed: int = 0
+    total: Optional[int] = None
+    dedup: bool = True
+
+    def check(self, key: str) -> None:
+        if self.total is not None:
+            _positive(self.total, f"{key}.total")
+
+
+@dataclass
+class Arm:
+    proxy: bool = False
+    loss: Literal["vanilla", "cmo", "cal"] = "vanilla"
+
+
+@dataclass
+class Study:
+    proxy_arms: list[str] = field(default_factory=list)
+    plain_arms: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def check(self, key: str) -> None:
+        if not self.seeds:
+            raise ParamsError(f"{key}.seeds is empty.", file="params.yaml", fix="list at least one seed, e.g. [0].")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"{key}.seeds has duplicates {self.seeds}.", file="params.yaml", fix="list each once.")
+        if not (self.proxy_arms or self.plain_arms):
+            raise ParamsError(f"{key}: no arm to run.", file="params.yaml", fix="list arms in proxy_arms/plain_arms.")
+
+    @property
+    def arms(self) -> list[str]:
+        return [*self.proxy_arms, *self.plain_arms]
+
+
+@dataclass
+class Loss:
+    delta_min: float = 0.05
+    delta_max: float = 0.5
+    cal_min: float = 1.0
+    cal_max: float = 5.0
+    window: int = 3
+    smoothing: Literal["flat", "per_sequence"] = "flat"
+    image_free: Literal["efficient", "reference"] = "efficient"
+    cmo_in_align: bool = True
+    cmo_in_finetune: bool = True
+
+    def check(self, key: str) -> None:
+        if not -1.0 <= self.delta_min < self.delta_max <= 1.0:
+            raise ParamsError(f"{key}: need -1 <= delta_min < delta_max <= 1 (got {self.delta_min}, "
+                              f"{self.delta_max}).", file="params.yaml", fix="paper defaults: 0.05 and 0.5.")
+        if not self.cal_min < self.cal_max:
+            raise ParamsError(f"{key}: need cal_min < cal_max.", file="params.yaml", fix="paper defaults: 1 and 5.")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ParamsError(f"{key}.window must be an odd number >= 1 (got {self.window}).", file="params.yaml",
+                              fix="use 3 (the paper) or 1 (no smoothing).")
+
+
+@dataclass
+class Lora:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+
+    def check(self, key: str) -> None:
+        _positive(self.r, f"{key}.r")
+        _positive(self.alpha, f"{key}.alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ParamsError(f"{key}.dropout must be in [0, 1) (got {self.dropout}).", file="params.yaml",
+                              fix="use e.g. 0.0 or 0.05.")
+
+
+@dataclass
+class Train:
+    learning_rate: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int = -1
+    global_batch_size: int = 8
+    per_device_batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    save_steps: int = 200
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def check(self, key: str) -> None:
+        _positive(self.learning_rate, f"{key}.learning_rate")
+        _positive(self.global_batch_size, f"{key}.global_batch_size")
+        _positive(self.per_device_batch_size, f"{key}.per_device_batch_size")
+        if self.max_steps <= 0:
+            _positive(self.epochs, f"{key}.epochs")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ParamsError(f"{key}.warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).", file="params.yaml",
+                              fix="the paper uses 0.03.")
+        if self.global_batch_size % self.per_device_batch_size:
+            raise ParamsError(f"{key}.global_batch_size ({self.global_batch_size}) is not a multiple of "
+                              f"per_device_batch_size ({self.per_device_batch_size}).", file="params.yaml",
+                              fix="gradient accumulation is derived as global / (per_device x processes).")
+
+
+@dataclass
+class Proxy:
+    lora: Lora = field(default_factory=Lora)
+    max_length: int = 128
+    train: Train = field(default_factory=Train)
+
+
+@dataclass
+class Align:
+    max_length: int = 256
+    train: Train = field(default_factory=Train)
+
+
+@dataclass
+class Finetune:
+    tune: Literal["lora", "full"] = "lora"
+    lora: Lora = field(default_factory=Lora)
+    max_length: int = 256
+    train: Train = field(default_factory=Train)
+
+
+@dataclass
+class Benchmark:
+    name: str = ""
+    kind: Literal["builtin_tsv", "vlmeval", "lmeval"] = "builtin_tsv"
+    path: Optional[str] = None  # local data file (builtin_tsv, lmeval toy task)
+    task: Optional[str] = None  # dataset/task name for vlmeval and lm-eval
+
+
+@dataclass
+class Evaluate:
+    benchmarks: list[Benchmark] = field(default_factory=list)
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    limit: Optional[int] = None
+    reference_row: bool = True
+    lmu_data: Optional[str] = None
+
+
+@dataclass
+class Tracking:
+    experiment: str = "dpa-study"
+    uri: str = "sqlite:///mlflow.db"
+    log_checkpoints: bool = True
+
+
+@dataclass
+class Runtime:
+    outputs: str = "outputs"
+    executor: Literal["local", "docker"] = "local"
+    image: str = "dpa-pipeline:cpu"
+    gpus: Optional[str] = None
+    launcher: Literal["python", "accelerate"] = "python"
+    accelerate_config: str = "configs/accelerate/ddp.yaml"
+    num_processes: int = 1
+
+
+@dataclass
+class Params:
+    profile: str = "toy"
+    world: World = field(default_factory=World)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    mix: Mix = field(default_factory=Mix)
+    arms: dict[str, Arm] = field(default_factory=dict)
+    study: Study = field(default_factory=Study)
+    loss: Loss = field(default_factory=Loss)
+    proxy: Proxy = field(default_factory=Proxy)
+    align: Align = field(default_factory=Align)
+    finetune: Finetune = field(default_factory=Finetune)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    tracking: Tracking = field(default_factory=Tracking)
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def check(self, key: str) -> None:
+        for group, want in (("proxy_arms", True), ("plain_arms", False)):
+            for name in getattr(self.study, group):
+                if name not in self.arms:
+                    raise ParamsError(f"study.{group} names an unknown arm {name!r}.{_nearest(name, self.arms)}",
+                                      file="params.yaml", fix="define it under `arms:` or fix the name.")
+                if self.arms[name].proxy != want:
+                    other = "plain_arms" if want else "proxy_arms"
+                    raise ParamsError(f"arm {name!r} has proxy: {self.arms[name].proxy}, so it belongs in "
+                                      f"study.{other}, not study.{group}.", file="params.yaml",
+                                      fix=f"move {name!r} to study.{other}.")
+        if self.runtime.num_processes > 1 and self.runtime.launcher != "accelerate":
+            raise ParamsError("runtime.num_processes > 1 needs runtime.launcher: accelerate.", file="params.yaml",
+                              fix="set launcher: accelerate, or num_processes: 1.")
+
+    # -- views used by the stages ---------------------------------------------------------------
+    def arm(self, name: str) -> Arm:
+        if name not in self.arms:
+            raise ParamsError(f"unknown arm {name!r}.{_nearest(name, self.arms)}", file="params.yaml",
+                              fix="use an arm defined under `arms:`.")
+        return self.arms[name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ParamsError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value}).", file="params.yaml",
+                          fix=f"set {key} to a {'non-negative' if allow_zero else 'positive'} number.")
+
+
+def _nearest(name: str, options) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{key} = {value!r} is not one of {list(args)}.{_nearest(value, args)}",
+                              file="params.yaml", fix=f"use one of {list(args)}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key} must be a list (got {type(value).__name__}).", file="params.yaml",
+                              fix=f"write {key} as a YAML list.")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key} must be a mapping.", file="params.yaml", fix=f"write {key} as a YAML mapping.")
+        return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ParamsError(f"{key} must be true or false (got {value!r}).", file="params.yaml", fix="use true/false.")
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ParamsError(f"{key} must be of type {_type_name(tp)} (got {value!r}).", file="params.yaml",
+                          fix=f"set {key} to a {_type_name(tp)}.")
+    return value
+
+
+def build(cls, data: Any, key: str = ""):
+    """An instance of dataclass `cls` from YAML data, checking keys, types and values."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{key or 'params'} must be a mapping (got {type(data).__name__}).", file="params.yaml",
+                          fix="check the indentation.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f"{key}.{k}" if key else k
+            raise ParamsError(f"unknown key {where!r}.{_nearest(k, names)}", file="params.yaml",
+                              fix=f"valid keys here: {', '.join(names)}.")
+    kwargs = {k: _convert(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(key or "params")
+    return obj
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' with a YAML-typed value (as `dvc exp run -S`)."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} is not key=value.", fix="write e.g. proxy.lora.r=64.")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                profile_dir: Path | None = None) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError("params file not found.", file=path, fix="run from the project root.") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"not valid YAML: {e}", file=path, fix="fix the YAML syntax.") from None
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v)
+    profile = raw.get("profile", "toy")
+    pdir = profile_dir or path.parent / PROFILE_DIR
+    pfile = pdir / f"{profile}.yaml"
+    if not pfile.is_file():
+        known = sorted(p.stem for p in pdir.glob("*.yaml"))
+        raise ParamsError(f"unknown profile {profile!r}.{_nearest(profile, known)}", file=path,
+                          fix=f"use one of {known}.")
+    merged = deep_merge(raw, yaml.safe_load(pfile.read_text()) or {})
+    for k, v in (overrides or {}).items():  # explicit overrides win over the profile too
+        set_dotted(merged, k, v)
+    return build(Params, merged)
