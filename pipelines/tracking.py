@@ -1,0 +1,179 @@
+"""MLflow tracking for the pipeline: one parent run per arm and seed, one nested run per stage.
+
+Stages run in separate processes (DVC, Prefect), so a parent run is found again by its tags
+(profile, arm, seed) or created. If the tracking store is down, training goes on: every call that
+could not log is collected and reported once, clearly, at the end of the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("dpa.tracking")
+
+PARENT_TAG = "dpa.parent"
+
+
+def tracking_uri(configured: str) -> str:
+    """MLFLOW_TRACKING_URI wins over params.yaml; a relative sqlite path is made absolute to the project."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+class Tracker:
+    """Thin, failure-tolerant wrapper around the MLflow client."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
+        self.failures: list[str] = []
+        self.client = None
+        self.experiment_id = None
+        # Fail fast instead of retrying for minutes when a server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except Exception as e:  # any store error: keep training, say so
+            self._fail("connect", e)
+            self.client = None
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def _fail(self, what: str, err: Exception) -> None:
+        msg = f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        self.failures.append(msg)
+        log.warning("MLflow (%s) not logged: %s", self.uri, msg)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.active:
+            self.failures.append(f"{what}: tracking store unavailable")
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self._fail(what, e)
+            return None
+
+    # -- runs -----------------------------------------------------------------------------------
+    def parent_run(self, name: str, tags: dict[str, str]) -> str | None:
+        """The parent run with these tags (the newest), created if none exists."""
+        def find_or_create():
+            query = " and ".join([f"tags.`{PARENT_TAG}` = 'true'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()])
+            found = self.client.search_runs([self.experiment_id], query, max_results=1,
+                                            order_by=["attributes.start_time DESC"])
+            if found:
+                return found[0].info.run_id
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: "true", **tags})
+            self.client.set_terminated(run.info.run_id, "FINISHED")
+            return run.info.run_id
+        return self._call(f"parent run {name}", find_or_create)
+
+    @contextmanager
+    def stage_run(self, parent_id: str | None, name: str, tags: dict[str, str]) -> Iterator["StageRun"]:
+        run_id = None
+        if parent_id is not None:
+            run = self._call(f"stage run {name}", self.client.create_run, self.experiment_id, run_name=name,
+                             tags={"mlflow.parentRunId": parent_id, **tags})
+            run_id = run.info.run_id if run else None
+        stage = StageRun(self, run_id, parent_id)
+        status = "FAILED"
+        try:
+            yield stage
+            status = "FINISHED"
+        finally:
+            if run_id:
+                self._call("end run", self.client.set_terminated, run_id, status)
+            self.report()
+
+    def report(self) -> None:
+        if self.failures:
+            log.warning("MLflow: %d item(s) were NOT logged to %s (the stage's outputs on disk are complete):\n  %s",
+                        len(self.failures), self.uri, "\n  ".join(self.failures[:20]))
+            print(f"[dpa] WARNING: {len(self.failures)} MLflow item(s) not logged to {self.uri}; "
+                  f"first: {self.failures[0]}", flush=True)
+
+
+class StageRun:
+    """Logging into one stage run (and, for final scores, its parent)."""
+
+    def __init__(self, tracker: Tracker, run_id: str | None, parent_id: str | None):
+        self.tracker, self.run_id, self.parent_id = tracker, run_id, parent_id
+
+    def _do(self, what, fn, *args, **kwargs):
+        if self.run_id is None:
+            self.tracker.failures.append(f"{what}: no run")
+            return None
+        return self.tracker._call(what, fn, *args, **kwargs)
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
+        items = [Param(k, v) for k, v in flat.items()]
+        for s in range(0, len(items), 100):
+            self._do("params", self.tracker.client.log_batch, self.run_id, params=items[s : s + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None, on_parent: bool = False) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in _flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        targets = [self.run_id] + ([self.parent_id] if on_parent and self.parent_id else [])
+        for rid in targets:
+            if rid is None:
+                continue
+            for s in range(0, len(items), 500):
+                self.tracker._call("metrics", self.tracker.client.log_batch, rid, metrics=items[s : s + 500])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        fn = self.tracker.client.log_artifacts if path.is_dir() else self.tracker.client.log_artifact
+        self._do(f"artifact {path}", fn, self.run_id, str(path), artifact_path)
+
+    def tag(self, key: str, value: str) -> None:
+        self._do(f"tag {key}", self.tracker.client.set_tag, self.run_id, key, value)
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Per-step loss, learning rate and CMO weight statistics into the stage run (main process only)."""
+
+    def __init__(self, run: StageRun):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.run.metrics({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
+
+
+def _metric_key(key: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / in metric names.
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
