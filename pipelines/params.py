@@ -300,7 +300,10 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
 
 
 def _nearest(name: str, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.5)
+    options = [str(o) for o in options]
+    close = difflib.get_close_matches(str(name), options, n=1, cutoff=0.5)
+    # an abbreviation or an extension of a valid key ("rank" for "r", "lr" for "learning_rate") too
+    close = close or [o for o in options if o.startswith(str(name)) or str(name).startswith(o)][:1]
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
