@@ -5,12 +5,13 @@
         configs/accelerate/allreduce_check.py
 
 Each rank prints one line ``allreduce_check rank=R world=W ...`` and exits non-zero when the
-all_reduce sum or the DDP-averaged gradient is wrong (i.e. the processes did not really form
-one process group).
+all_reduce sum or the DDP-averaged gradient is wrong, or when accelerate's world size is not
+the launcher's WORLD_SIZE (the processes did not really form one process group).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -34,7 +35,9 @@ def main() -> int:
     mean_grad = grad.item()
     expected_grad = expected_total / world
 
-    ok = total == expected_total and abs(mean_grad - expected_grad) < 1e-6
+    # torchrun exports WORLD_SIZE; a worker that did not join the group sees world == 1.
+    launched = int(os.environ.get("WORLD_SIZE", world))
+    ok = world == launched and total == expected_total and abs(mean_grad - expected_grad) < 1e-6
     print(
         f"allreduce_check rank={rank} world={world} type={accelerator.distributed_type.value}"
         f" backend={accelerator.state.backend} device={accelerator.device}"
