@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
 from .data import Collator, Encoder, MultimodalDataset, TextDataset, load_llava_records, load_text_records
 from .errors import DPAInputError
@@ -81,6 +81,13 @@ def _finish(out_dir: Path, run: dict, extra: dict, write) -> StageResult:
     return StageResult(Path(out_dir), metrics, run["history"])
 
 
+def _seed(settings: TrainSettings) -> None:
+    # Before any weight is initialised (the fresh connector, LoRA's A matrices): the Trainer seeds only
+    # once the model exists, so without this two runs of one configuration (or a resumed run and an
+    # uninterrupted one) would start from different random weights.
+    set_seed(settings.seed)
+
+
 def _freeze(module: torch.nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
@@ -108,6 +115,7 @@ def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSet
     """PMO: adapt a copy of the LLM to the caption corpus's language, text only, with LoRA."""
     out_dir = Path(out_dir)
     texts = load_text_records(text_corpus)
+    _seed(settings)
     tok = load_tokenizer(llm, image_token=None)
     model = AutoModelForCausalLM.from_pretrained(llm, dtype=_dtype(settings))
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -126,6 +134,7 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
     """Train the connector only; the LLM (proxy if given) and the vision tower stay frozen."""
     out_dir = Path(out_dir)
     records = load_records(captions)
+    _seed(settings)
     dtype = _dtype(settings)
     lm = load_proxy_llm(paths.llm, Path(proxy_adapter), dtype) if proxy_adapter else None
     model, processor = build_llava(paths.vision, paths.llm, language_model=lm, image_token=paths.image_token,
@@ -155,6 +164,7 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
     """
     out_dir = Path(out_dir)
     records = load_records(instructions)
+    _seed(settings)
     model, processor = build_llava(paths.vision, paths.llm, connector_path=connector, image_token=paths.image_token,
                                    add_image_token=paths.add_image_token, dtype=_dtype(settings))
     _freeze(model.model.vision_tower)

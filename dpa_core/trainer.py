@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import DPAInputError
@@ -89,8 +91,8 @@ def training_arguments(settings: TrainSettings, work_dir: Path) -> TrainingArgum
         data_seed=settings.seed,
         full_determinism=not cuda,  # deterministic on CPU; GPU kernels stay fast
         bf16=use_bf16(settings),
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps" if settings.save_steps > 0 else "no",
         save_steps=max(settings.save_steps, 1),
         save_total_limit=settings.save_total_limit,
@@ -102,6 +104,36 @@ def training_arguments(settings: TrainSettings, work_dir: Path) -> TrainingArgum
         use_cpu=not cuda,
         disable_tqdm=False,
     )
+
+
+def load_checkpoint_weights(model, checkpoint: str | os.PathLike) -> None:
+    """Load the weights of a Trainer checkpoint (written by `save_pretrained`) into `model`, in place.
+
+    transformers 5 saves some models (Llava among them) under their original checkpoint key names
+    (`language_model.model...`, `multi_modal_projector...`) while the module names are
+    `model.language_model...`; the Trainer's own resume loads the file with a non-strict
+    `load_state_dict` that then matches no key at all and silently keeps the initial weights.
+    Here the saved names are mapped back to the module's, and a missing weight is an error.
+    """
+    checkpoint = Path(checkpoint)
+    own = model.state_dict(keep_vars=True)
+    names_of: dict[int, list[str]] = defaultdict(list)
+    for name, t in own.items():
+        names_of[id(t)].append(name)
+    saved_to_own = {saved: names_of[id(t)] for saved, t in revert_weight_conversion(model, dict(own)).items()
+                    if id(t) in names_of}
+    index = checkpoint / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for f in files:
+        for key, value in load_file(str(checkpoint / f)).items():
+            for name in saved_to_own.get(key, [key]):
+                state[name] = value
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint} lacks weights of the model: {missing[:5]} "
+                           f"({len(missing)} in all); delete the work directory to start over.")
+    model.load_state_dict(state, strict=False)
 
 
 class DPATrainer(Trainer):
@@ -125,6 +157,13 @@ class DPATrainer(Trainer):
                 self._stat_sums[k] += v
             self._stat_count += 1
         return loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        plain = not hasattr(target, "peft_config") and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+        if plain and Path(resume_from_checkpoint, "config.json").is_file():
+            return load_checkpoint_weights(target, resume_from_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self._stat_count and "loss" in logs:
@@ -162,11 +201,15 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
     """Train `model` in place; returns {"history": [...], "train": final metrics}. Resumes after a crash."""
     work_dir = Path(work_dir)
     fp = {"settings": asdict(settings), "loss": asdict(loss_config) if loss_config else None, **(fingerprint or {})}
-    resume = prepare_work_dir(work_dir, fp)
+    args = training_arguments(settings, work_dir)
+    # Under `accelerate launch` every rank runs this: the main process alone deletes a stale work
+    # dir, the others wait (a barrier) and then only read it; concurrent rmtree's crashed.
+    with args.main_process_first(local=False, desc="preparing the work dir"):
+        resume = prepare_work_dir(work_dir, fp)
     history = LossHistory()
     trainer = DPATrainer(
         model=model,
-        args=training_arguments(settings, work_dir),
+        args=args,
         train_dataset=dataset,
         data_collator=collator,
         loss_config=loss_config,

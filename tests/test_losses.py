@@ -83,7 +83,7 @@ def test_per_sequence_equals_flat_when_nothing_is_ignored_and_batch_is_one():
     g = torch.Generator().manual_seed(0)
     logits, logits_ni = torch.randn(1, 7, 5, generator=g), torch.randn(1, 7, 5, generator=g)
     labels = torch.randint(0, 5, (1, 7), generator=g)
-    kw = dict(delta_min=-1.0, delta_max=1.0)
+    kw = dict(delta_min=0.0, delta_max=1.0)
     assert cmo_loss(logits, logits_ni, labels, smoothing="per_sequence", **kw).item() == pytest.approx(
         cmo_loss(logits, logits_ni, labels, **kw).item(), abs=1e-6)
 
@@ -120,7 +120,7 @@ def test_cal_loss_by_hand():
     # Per sequence: row 0 targets [2, 5] -> 3.5, 3.5; row 1 targets [1, 4.5] -> 2.75, 2.75
     expected_seq = _expected({0: 3.5, 1: 3.5, 4: 2.75, 5: 2.75})
     assert cal_loss(logits, ni, LABELS, smoothing="per_sequence").item() == pytest.approx(expected_seq, abs=1e-6)
-    # The same inputs scored by CMO are all close to the same probability difference, so the two differ.
+    # CMO scores the same inputs by probability differences instead, which gives other weights.
     assert abs(cmo_loss(logits, ni, LABELS).item() - expected) > 1e-3
 
 
@@ -239,3 +239,28 @@ def test_stats_report_clamping():
     assert stats["frac_at_max"] == pytest.approx(0.25)
     assert stats["frac_at_min"] == pytest.approx(0.0)
     assert stats["weight_mean"] == pytest.approx((W_FLAT[0] + W_FLAT[1] + W_FLAT[4] + W_FLAT[5]) / 4, abs=1e-6)
+
+
+def test_padding_is_left_out_of_the_flat_stream():
+    """With the attention mask, flat smoothing lays the sequences end to end without their padding:
+    the hand example padded (row 0 on the left, row 1 on the right) gives the hand value again."""
+    pad_p = [0.05, 0.9, 0.05]  # logits at a pad query
+    pad_q = [0.9, 0.05, 0.05]
+    p = [[pad_p] + P[0], P[1] + [pad_p]]
+    q = [[pad_q] + Q[0], Q[1] + [pad_q]]
+    labels = torch.tensor([[IGN, IGN, 1, 2, IGN], [IGN, IGN, 0, 1, IGN]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    cfg = LossConfig("cmo")
+    got = contrastive_loss(_logits(p), _logits(q), labels, cfg, attention_mask=mask)
+    assert got.item() == pytest.approx(_expected(dict(enumerate(W_FLAT))), abs=1e-6)
+    # Without the mask the two padding cells take part, by hand:
+    #   row 0 cell 0 (pad query, stand-in 0): 0.05 - 0.9 -> 0.05
+    #   row 1 cell 3 (last token predicting the pad, stand-in 0): 0.01 - 0.98 -> 0.05
+    # stream [0.05, 0.3, 0.5, 0.3 | 0.05, 0.1, 0.25, 0.05], targets at flat 1, 2, 5, 6
+    w = {0: (0.05 + 0.3 + 0.5) / 3, 1: (0.3 + 0.5 + 0.3) / 3, 4: (0.05 + 0.1 + 0.25) / 3, 5: (0.1 + 0.25 + 0.05) / 3}
+    unmasked = contrastive_loss(_logits(p), _logits(q), labels, cfg)
+    assert unmasked.item() == pytest.approx(_expected(w), abs=1e-6)
+    assert abs(unmasked.item() - got.item()) > 1e-3
+    # An all-ones mask is the reference itself.
+    full = contrastive_loss(_logits(P), _logits(Q), LABELS, cfg, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    assert full.item() == pytest.approx(_expected(dict(enumerate(W_FLAT))), abs=1e-6)
