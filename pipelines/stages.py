@@ -259,10 +259,9 @@ def _benchmarks(p: Params) -> list[dict]:
 def _evaluate_dir(p: Params, model_dir: Path, out: Path, run: StageRun) -> dict:
     from dpa_core.evaluation import evaluate_all
 
-    if p.evaluate.lmu_data:
-        os.environ["LMUData"] = str(Path(p.evaluate.lmu_data).resolve())
     scores = evaluate_all(model_dir, _benchmarks(p), out, batch_size=p.evaluate.batch_size,
-                          max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit)
+                          max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit,
+                          lmu_data=p.evaluate.lmu_data)
     run.metrics(scores, on_parent=True)
     for f in ("scores.json",):
         if (out / f).exists():

@@ -110,46 +110,44 @@ class Tracker:
 
 
 class StageRun:
-    """Logging into one stage run (and, for final scores, its parent)."""
+    """Logging into one stage run (and, for final scores, its parent). Every call goes through
+    `_do`, so a missing run or a store that went down is recorded, never raised."""
 
     def __init__(self, tracker: Tracker, run_id: str | None, parent_id: str | None):
         self.tracker, self.run_id, self.parent_id = tracker, run_id, parent_id
 
-    def _do(self, what, fn, *args, **kwargs):
-        if self.run_id is None:
-            self.tracker.failures.append(f"{what}: no run")
+    def _do(self, what: str, method: str, run_id: str | None, *args, **kwargs):
+        if run_id is None or not self.tracker.active:
+            self.tracker.failures.append(f"{what}: tracking store unavailable")
             return None
-        return self.tracker._call(what, fn, *args, **kwargs)
+        return self.tracker._call(what, getattr(self.tracker.client, method), run_id, *args, **kwargs)
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
-        items = [Param(k, v) for k, v in flat.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
         for s in range(0, len(items), 100):
-            self._do("params", self.tracker.client.log_batch, self.run_id, params=items[s : s + 100])
+            self._do("params", "log_batch", self.run_id, params=items[s : s + 100])
 
     def metrics(self, metrics: dict[str, float], step: int | None = None, on_parent: bool = False) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in _flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        targets = [self.run_id] + ([self.parent_id] if on_parent and self.parent_id else [])
-        for rid in targets:
-            if rid is None:
-                continue
+        for rid in [self.run_id] + ([self.parent_id] if on_parent else []):
             for s in range(0, len(items), 500):
-                self.tracker._call("metrics", self.tracker.client.log_batch, rid, metrics=items[s : s + 500])
+                self._do("metrics", "log_batch", rid, metrics=items[s : s + 500])
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
-        fn = self.tracker.client.log_artifacts if path.is_dir() else self.tracker.client.log_artifact
-        self._do(f"artifact {path}", fn, self.run_id, str(path), artifact_path)
+        self._do(f"artifact {path}", "log_artifacts" if path.is_dir() else "log_artifact", self.run_id, str(path),
+                 artifact_path)
 
     def tag(self, key: str, value: str) -> None:
-        self._do(f"tag {key}", self.tracker.client.set_tag, self.run_id, key, value)
+        self._do(f"tag {key}", "set_tag", self.run_id, key, value)
 
 
 class MlflowStepLogger(TrainerCallback):

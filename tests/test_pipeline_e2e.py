@@ -29,7 +29,9 @@ def run(cmd, repo, check=True, timeout=2400, **env):
 
 
 def stages_that_would_run(repo) -> set[str]:
-    out = run(["dvc", "repro", "--dry"], repo).stdout
+    """What `dvc repro` would run, downstream stages included (a dry run alone lists only the
+    stages whose own dependencies changed)."""
+    out = run(["dvc", "repro", "--dry", "--force-downstream"], repo).stdout
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
@@ -123,6 +125,16 @@ def test_proxy_change_reruns_the_dpa_arm_only(study):
         assert not any("vanilla" in s for s in would), would
     finally:
         params.write_text(original)
+
+
+def test_exp_run_sweeps_a_setting(study):
+    """`dvc exp run -S` reruns what the setting touches and records the experiment."""
+    repo, _ = study
+    res = run(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=6"], repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
+    assert ran == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate_reference", "compare"}, ran
+    shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    assert "evaluate.max_new_tokens" in shown
 
 
 def test_stage_finishes_when_mlflow_is_down(study):
