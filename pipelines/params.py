@@ -218,6 +218,12 @@ class Benchmark:
     kind: Literal["builtin_tsv", "vlmeval", "lmeval"] = "builtin_tsv"
     path: Optional[str] = None  # local data file (builtin_tsv, lmeval toy task)
     task: Optional[str] = None  # dataset/task name for vlmeval and lm-eval
+    limit: Optional[int] = None  # per-benchmark overrides of the evaluate.* defaults
+    batch_size: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
+    num_fewshot: Optional[int] = None  # lmeval
+    allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
 
 
 @dataclass

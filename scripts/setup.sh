@@ -10,4 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade "pip>=24" >/dev/null
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev${DPA_EXTRAS:+,$DPA_EXTRAS}]"
+# VLMEvalKit without its dependency list (see requirements/vlmeval.txt for why).
+.venv/bin/python -m pip install -q -c constraints.txt --no-deps nvidia-vlmeval
+.venv/bin/python -m pip install -q -c constraints.txt -r requirements/vlmeval.txt
 echo "[setup] installed into .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -2,7 +2,7 @@
 extracted and scored here, without VLMEvalKit.
 
 Writes into out_dir (atomically: all files or none):
-  scores.json       flat numeric metrics "<name>/overall", "<name>/<category>", "<name>/n", ...
+  scores.json       flat numeric metrics "<name>/overall", "<name>/<category>", "meta/<name>/n", ...
   summary.json      {"benchmark", "kind", "overall", "by_category", "n", "n_correct", "n_unparsed", ...}
   predictions.jsonl one line per question: index, category, prediction, extracted, answer, correct, unparsed
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..io import atomic_dir, write_json_atomic
-from .flat_metrics import check_flat, flatten_summary
+from .flat_metrics import check_flat, flatten_summary, meta_key
 from .llava_generation import GenerationRequest, LlavaGenerator
 from .prompts import item_prompt
 from .scoring import ScoredItem, score_benchmark, summarize
@@ -33,7 +33,10 @@ def benchmark_requests(bench: TsvBenchmark) -> list[GenerationRequest]:
 
 
 def write_scored_outputs(out_dir: str | os.PathLike, summary: dict, scored: list[ScoredItem]) -> dict:
-    metrics = check_flat(flatten_summary(summary))
+    metrics = flatten_summary(summary)
+    if "generation" in summary:
+        metrics[meta_key(summary["benchmark"], "seconds")] = summary["generation"]["seconds"]
+    metrics = check_flat(metrics)
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for s in scored:
@@ -66,7 +69,7 @@ def evaluate_tsv(
     replies = generate(benchmark_requests(bench), batch_size=batch_size, max_new_tokens=max_new_tokens,
                        desc=bench.name)
     seconds = time.perf_counter() - start
-    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies)})
+    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies, strict=True)})
     summary = summarize(bench.name, bench.kind, scored) | {
         "tsv": str(Path(tsv_path).resolve()),
         "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None,

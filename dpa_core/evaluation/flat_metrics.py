@@ -1,6 +1,7 @@
 """The flat, numeric metric names every evaluator writes to scores.json (DVC reads them as metrics).
 
-Keys are "<benchmark>/<metric>"; see docs/evaluation.md for the full list.
+Keys are "<benchmark>/<metric>" for scores (accuracies in [0, 1]) and "meta/<benchmark>/<what>" for
+counts and timings, which the comparison leaves out of its score columns. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import re
 
 # Metric names the evaluators write themselves; a category that happens to share one is
 # written as "cat_<name>" so it cannot overwrite it.
-RESERVED = frozenset({"overall", "n", "n_correct", "n_unparsed", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr"})
+RESERVED = frozenset({"overall", "acc", "acc_norm"})
+META = "meta"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 def metric_part(text: str) -> str:
     """A benchmark or category name as a key part: no '/', no spaces (DVC and MLflow both accept it)."""
     cleaned = _UNSAFE.sub("_", str(text).strip()).strip("_")
-    return cleaned or "unnamed"
+    return cleaned if cleaned and cleaned != META else f"{cleaned or 'unnamed'}_"
 
 
 def category_key(benchmark: str, category: str) -> str:
@@ -33,12 +35,17 @@ def flatten_summary(summary: dict) -> dict[str, float]:
         flat[category_key(name, category)] = float(acc)
     for count in ("n", "n_correct", "n_unparsed"):
         if count in summary:
-            flat[f"{name}/{count}"] = int(summary[count])
+            flat[meta_key(name, count)] = int(summary[count])
     return flat
+
+
+def meta_key(benchmark: str, what: str) -> str:
+    return f"{META}/{metric_part(benchmark)}/{what}"
 
 
 def check_flat(metrics: dict) -> dict:
     """Fail loudly rather than hand DVC a non-numeric or non-finite metric."""
+    # Keys are "<benchmark>/<metric>" or "meta/<benchmark>/<what>": both contain a "/".
     for key, value in metrics.items():
         if "/" not in key or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"metric {key!r}={value!r} is not a finite number under a '<benchmark>/<metric>' key")

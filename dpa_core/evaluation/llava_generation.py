@@ -50,7 +50,7 @@ def check_llava_dir(model_dir: str | os.PathLike) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DPAInputError("no config.json: not a saved model directory.", file=model_dir,
-                            fix="point to a Llava checkpoint written by save_pretrained (the merge/train stage's output).")
+                            fix="point to a Llava checkpoint written by save_pretrained (the merge stage's output).")
     return model_dir
 
 
@@ -99,7 +99,8 @@ class LlavaGenerator:
         with tqdm(total=len(requests), desc=desc, unit="q") as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                for i, reply in zip(chunk, self._generate_batch([requests[i] for i in chunk], max_new_tokens)):
+                batch_replies = self._generate_batch([requests[i] for i in chunk], max_new_tokens)
+                for i, reply in zip(chunk, batch_replies, strict=True):
                     replies[i] = reply
                 bar.update(len(chunk))
         return [r if r is not None else "" for r in replies]

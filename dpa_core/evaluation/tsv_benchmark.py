@@ -156,5 +156,6 @@ def load_item_images(item: BenchmarkItem, path: Path | None = None) -> list[Imag
             return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in item.images_b64]
         return [Image.open(p).convert("RGB") for p in item.image_paths]
     except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as err:
-        raise DPAInputError(f"cannot decode the image: {err}", file=path, record=item.index,
-                            fix="store a base64-encoded PNG/JPEG in 'image', or a readable file in 'image_path'.") from err
+        raise DPAInputError(
+            f"cannot decode the image: {err}", file=path, record=item.index,
+            fix="store a base64-encoded PNG/JPEG in 'image', or a readable file in 'image_path'.") from err

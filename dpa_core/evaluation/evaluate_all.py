@@ -1,0 +1,125 @@
+"""One call for the pipeline's evaluate stage: run a list of benchmark specs on one Llava checkpoint
+and merge their flat metrics.
+
+out_dir/ (written atomically)
+  scores.json      every benchmark's metrics merged, plus meta/evaluate/n_skipped
+  report.json      per benchmark: kind, status ("ok" | "skipped"), reason, seconds
+  <name>/          that benchmark's own files (scores.json, summary.json, predictions...)
+
+The image benchmarks (builtin_tsv, vlmeval) share one loaded model; the text benchmarks (lmeval)
+run afterwards on the LLM extracted once, after the Llava model is freed.
+The same call scores the base models (reference row): pass a Llava directory built from them.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_dir, write_json_atomic
+from .benchmark_specs import BenchmarkSpec, parse_specs
+from .builtin_scorer import evaluate_tsv
+from .flat_metrics import check_flat, meta_key
+from .llava_generation import LlavaGenerator, check_llava_dir
+from .lmeval_runner import causal_lm_dir, evaluate_lmeval
+from .skips import BenchmarkSkipped
+from .vlmeval_runner import evaluate_vlmeval
+
+log = logging.getLogger(__name__)
+
+
+class _SharedGenerator:
+    """Loads the Llava model on first use, so a run with only text benchmarks never loads it."""
+
+    def __init__(self, model_dir: Path, device: str):
+        self.model_dir, self.device, self.generator = model_dir, device, None
+
+    def get(self) -> LlavaGenerator:
+        if self.generator is None:
+            self.generator = LlavaGenerator(self.model_dir, device=self.device)
+        return self.generator
+
+    def release(self) -> None:
+        self.generator = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run_image_benchmark(spec: BenchmarkSpec, model_dir: Path, out: Path, shared: _SharedGenerator,
+                         common: dict) -> dict:
+    kwargs = dict(name=spec.name, batch_size=spec.option("batch_size", common["batch_size"]),
+                  max_new_tokens=spec.option("max_new_tokens", common["max_new_tokens"]),
+                  limit=spec.option("limit", common["limit"]), device=common["device"])
+    if spec.kind == "builtin_tsv":
+        return evaluate_tsv(model_dir, spec.path, out, generator=shared.get(), **kwargs)
+    # VLMEvalKit checks its data before the model is needed: load the model only once it is.
+    return evaluate_vlmeval(model_dir, spec.task, out, lmu_data=common["lmu_data"], generator=_Lazy(shared),
+                            allow_download=bool(spec.option("allow_download", False)), **kwargs)
+
+
+class _Lazy:
+    """A generator stand-in that loads the shared model at its first call."""
+
+    def __init__(self, shared: _SharedGenerator):
+        self.shared = shared
+
+    def generate(self, *args, **kwargs):
+        return self.shared.get().generate(*args, **kwargs)
+
+    __call__ = generate
+
+
+def evaluate_all(
+    model_dir: str | os.PathLike,
+    benchmarks: list[dict],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    device: str = "auto",
+    limit: int | None = None,
+    lmu_data: str | os.PathLike | None = None,
+    offline: bool | None = None,
+) -> dict:
+    """Run every benchmark spec (see benchmark_specs) on `model_dir`; returns the merged flat metrics."""
+    specs = parse_specs(benchmarks)
+    model_dir = check_llava_dir(model_dir)
+    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, device=device, limit=limit, lmu_data=lmu_data)
+    scores: dict = {}
+    report: list[dict] = []
+    with atomic_dir(out_dir) as tmp:
+        shared = _SharedGenerator(model_dir, device)
+
+        def run(spec: BenchmarkSpec, fn) -> None:
+            start = time.perf_counter()
+            try:
+                scores.update(fn())
+                entry = {"status": "ok"}
+            except BenchmarkSkipped as skip:
+                log.warning("%s", skip)
+                entry = {"status": "skipped", "reason": skip.reason}
+            report.append({"name": spec.name, "kind": spec.kind, **entry, "dir": spec.name,
+                           "seconds": round(time.perf_counter() - start, 3)})
+
+        for spec in (s for s in specs if s.kind != "lmeval"):
+            run(spec, lambda s=spec: _run_image_benchmark(s, model_dir, tmp / s.name, shared, common))
+        shared.release()
+        text_specs = [s for s in specs if s.kind == "lmeval"]
+        if text_specs:
+            with causal_lm_dir(model_dir) as lm_dir:
+                for spec in text_specs:
+                    run(spec, lambda s=spec: evaluate_lmeval(
+                        lm_dir, tmp / s.name, name=s.name, path=s.path, task=s.task,
+                        batch_size=s.option("batch_size", batch_size), device=device,
+                        limit=s.option("limit", limit), offline=offline, num_fewshot=s.option("num_fewshot"),
+                        **({"prompt": s.option("prompt")} if s.option("prompt") else {})))
+        scores[meta_key("evaluate", "n_skipped")] = sum(r["status"] == "skipped" for r in report)
+        write_json_atomic(tmp / "report.json", {"model_dir": str(model_dir.resolve()), "benchmarks": report})
+        write_json_atomic(tmp / "scores.json", check_flat(scores))
+    return scores
