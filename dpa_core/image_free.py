@@ -76,6 +76,8 @@ def efficient_hidden(model, input_ids, attention_mask, position_ids=None) -> tup
     ids = input_ids.gather(1, order).masked_fill(~keep, 0)
     pos = position_ids.gather(1, order).masked_fill(~keep, 0)
     lm = llava.model.language_model
+    # The mask must be passed even without padding: with no mask, transformers reads the jumps in
+    # `pos` (where the image was) as the starts of packed sequences and would cut attention there.
     hidden = lm(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=keep.long(), position_ids=pos,
                 use_cache=False).last_hidden_state
     # cumsum of text tokens up to t - 1 is the compact index of t's source text token.

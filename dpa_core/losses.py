@@ -12,6 +12,9 @@ Reference details reproduced by default ("flat" smoothing): labels are shifted a
 LM; ignored positions still get a weight (scored with token id 0 as a stand-in label) that takes
 part in the smoothing; smoothing runs over the flattened batch, crossing sequence boundaries.
 `smoothing="per_sequence"` smooths each sequence's target tokens only.
+Given the attention mask (as the training objective does), padding is left out of the flat stream:
+the sequences are laid end to end without their padding, so left and right padding give the same
+weights. Without padding this is exactly the reference.
 """
 
 from __future__ import annotations
@@ -87,18 +90,34 @@ def raw_token_scores(kind: str, logit: torch.Tensor, logprob: torch.Tensor, logi
     raise ValueError(f"no token scores for loss kind {kind!r}")
 
 
-def smooth(weights: torch.Tensor, target: torch.Tensor, window: int = 3, mode: Smoothing = "flat") -> torch.Tensor:
+def stream_cells(attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Shifted positions that belong to a sequence (query and predicted token both real, or a target):
+    the cells that flat smoothing lays end to end. Padding cells are left out."""
+    m = attention_mask.bool()
+    return (m[:, :-1] & m[:, 1:]) | target
+
+
+def smooth(weights: torch.Tensor, target: torch.Tensor, window: int = 3, mode: Smoothing = "flat",
+           keep: torch.Tensor | None = None) -> torch.Tensor:
     """Width-`window` moving average (stride 1, same-size output, padded cells not counted).
 
-    flat: over the whole batch laid end to end (the reference); per_sequence: over each
-    sequence's target tokens only, leaving other positions untouched.
+    flat: over the whole batch laid end to end (the reference), restricted to the `keep` cells
+    (see `stream_cells`) when given; per_sequence: over each sequence's target tokens only, leaving
+    other positions untouched.
     """
     if window <= 1:
         return weights
     pad = window // 2
     if mode == "flat":
-        flat = weights.reshape(1, 1, -1)
-        return F.avg_pool1d(flat, window, stride=1, padding=pad, count_include_pad=False).view_as(weights)
+        if keep is None:
+            flat = weights.reshape(1, 1, -1)
+            return F.avg_pool1d(flat, window, stride=1, padding=pad, count_include_pad=False).view_as(weights)
+        idx = keep.reshape(-1).nonzero(as_tuple=True)[0]
+        out = weights.reshape(-1).clone()
+        if idx.numel():
+            out[idx] = F.avg_pool1d(out[idx].reshape(1, 1, -1), window, stride=1, padding=pad,
+                                    count_include_pad=False).view(-1)
+        return out.view_as(weights)
     if mode != "per_sequence":
         raise ValueError(f"unknown smoothing {mode!r}; use 'flat' or 'per_sequence'")
     out = weights.clone()
@@ -110,9 +129,9 @@ def smooth(weights: torch.Tensor, target: torch.Tensor, window: int = 3, mode: S
     return out
 
 
-def token_weights(delta: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+def token_weights(delta: torch.Tensor, target: torch.Tensor, cfg: LossConfig, keep: torch.Tensor | None = None):
     lo, hi = cfg.clamp
-    return smooth(delta.clamp(lo, hi), target, cfg.window, cfg.smoothing)
+    return smooth(delta.clamp(lo, hi), target, cfg.window, cfg.smoothing, keep)
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -134,8 +153,10 @@ def vanilla_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce.sum() / target.sum().clamp(min=1)
 
 
-def contrastive_loss(logits, logits_no_image, labels, cfg: LossConfig, return_stats: bool = False):
-    """CMO or CAL loss from full logits of both passes (unshifted labels)."""
+def contrastive_loss(logits, logits_no_image, labels, cfg: LossConfig, return_stats: bool = False,
+                     attention_mask: torch.Tensor | None = None):
+    """CMO or CAL loss from full logits of both passes (unshifted labels). With `attention_mask`,
+    padding is left out of flat smoothing (see `stream_cells`)."""
     labels = shift_labels(labels)
     logits, logits_no_image = logits[:, :-1], logits_no_image[:, :-1]
     target = labels != IGNORE_INDEX
@@ -143,12 +164,13 @@ def contrastive_loss(logits, logits_no_image, labels, cfg: LossConfig, return_st
     lg, lp = label_logit_and_logprob(logits.detach(), scored, cfg.chunk_tokens)
     lg_ni, lp_ni = label_logit_and_logprob(logits_no_image.detach(), scored, cfg.chunk_tokens)
     delta = raw_token_scores(cfg.kind, lg, lp, lg_ni, lp_ni)
-    return loss_from_deltas(token_ce(logits, labels), delta, target, cfg, return_stats)
+    keep = stream_cells(attention_mask, target) if attention_mask is not None else None
+    return loss_from_deltas(token_ce(logits, labels), delta, target, cfg, return_stats, keep)
 
 
-def loss_from_deltas(ce, delta, target, cfg: LossConfig, return_stats: bool = False):
+def loss_from_deltas(ce, delta, target, cfg: LossConfig, return_stats: bool = False, keep: torch.Tensor | None = None):
     """The weighted loss once per-token deltas are known (shared by every image-free pass)."""
-    w = token_weights(delta, target, cfg)
+    w = token_weights(delta, target, cfg, keep)
     loss = weighted_mean(ce, w, target)
     if not return_stats:
         return loss
@@ -199,14 +221,19 @@ def label_scores_at(rows: torch.Tensor, labels: torch.Tensor, logits_of, chunk_t
     return out_logit, out_logp
 
 
-def rows_that_matter(target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+def rows_that_matter(target: torch.Tensor, cfg: LossConfig, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Positions whose weight can reach the loss: targets and, with flat smoothing, their
-    neighbours within the window across the flattened batch."""
+    neighbours within the window across the flattened batch (of the `keep` cells, when given)."""
     if cfg.smoothing == "per_sequence" or cfg.window <= 1:
         return target
-    flat = target.reshape(-1)
+    idx = keep.reshape(-1).nonzero(as_tuple=True)[0] if keep is not None else None
+    flat = target.reshape(-1) if idx is None else target.reshape(-1)[idx]
     need = flat.clone()
     for k in range(1, cfg.window // 2 + 1):
         need[:-k] |= flat[k:]
         need[k:] |= flat[:-k]
-    return need.view_as(target)
+    if idx is None:
+        return need.view_as(target)
+    out = target.reshape(-1).clone()
+    out[idx] = need
+    return out.view_as(target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunked_ce import chunk_rows
 from .image_free import efficient_hidden, llava_of, position_ids_for, reference_logits
 from .losses import (
     IGNORE_INDEX,
@@ -15,45 +16,66 @@ from .losses import (
     rows_that_matter,
     shift_labels,
     stand_in,
-    token_ce,
+    stream_cells,
     vanilla_loss,
 )
+from .main_pass import MainPass, main_pass
 
 
 def multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = False):
     """Loss of a batch {input_ids, attention_mask, pixel_values, labels} under `cfg`."""
     position_ids = position_ids_for(batch["attention_mask"])
-    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                   attention_mask=batch["attention_mask"], position_ids=position_ids, use_cache=False).logits
-    labels = batch["labels"]
-    if not cfg.needs_image_free_pass:
-        loss = vanilla_loss(logits, labels)
-        return (loss, {}) if return_stats else loss
-    if cfg.image_free == "reference":
-        ni, has_source = reference_logits(model, batch["input_ids"], batch["attention_mask"],
-                                          batch["pixel_values"], position_ids)
-        ni = torch.where(has_source[..., None], ni, logits.detach())
-        return contrastive_loss(logits, ni, labels, cfg, return_stats)
-    return efficient_contrastive_loss(model, logits, batch, position_ids, cfg, return_stats)
-
-
-def efficient_contrastive_loss(model, logits, batch, position_ids, cfg: LossConfig, return_stats: bool = False):
-    """Same weights as the reference, from a text-only image-free pass, scoring only the positions
-    whose weight can reach the loss and never holding more than `chunk_tokens` x V scores."""
+    if cfg.needs_image_free_pass and cfg.image_free == "reference":
+        return reference_contrastive_loss(model, batch, position_ids, cfg, return_stats)
     labels = shift_labels(batch["labels"])
     target = labels != IGNORE_INDEX
+    # Vanilla needs the targets only; CMO/CAL also the label scores of the positions whose weight
+    # can reach the loss through the smoothing.
+    keep = stream_cells(batch["attention_mask"], target)  # flat smoothing skips padding
+    need = rows_that_matter(target, cfg, keep) if cfg.needs_image_free_pass else target
+    main = main_pass(model, batch, position_ids, need, stand_in(labels), cfg.chunk_tokens)
+    ce = torch.where(target, main.ce, 0.0)
+    if not cfg.needs_image_free_pass:
+        loss = ce.sum() / target.sum().clamp(min=1)
+        return (loss, {}) if return_stats else loss
+    delta = efficient_deltas(model, batch, position_ids, main, need, cfg)
+    return loss_from_deltas(ce, delta, target, cfg, return_stats, keep)
+
+
+def reference_contrastive_loss(model, batch: dict, position_ids, cfg: LossConfig, return_stats: bool = False):
+    """CMO/CAL as the paper's code computes it: full logits of both passes, the image-free one with image
+    tokens masked out of attention over the full sequence."""
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                   attention_mask=batch["attention_mask"], position_ids=position_ids, use_cache=False).logits
+    ni, has_source = reference_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                      position_ids)
+    ni = torch.where(has_source[..., None], ni, logits.detach())
+    return contrastive_loss(logits, ni, batch["labels"], cfg, return_stats, attention_mask=batch["attention_mask"])
+
+
+@torch.no_grad()
+def efficient_deltas(model, batch: dict, position_ids, main: MainPass, need: torch.Tensor, cfg: LossConfig):
+    """delta [B, S-1] (float32) at the `need` positions, from a text-only image-free pass; 0 elsewhere
+    and where no text precedes (as the reference: there the image-free prediction is the main one).
+
+    The image-free label scores come from the LM head applied chunk by chunk to the rows needed, so
+    at most `chunk_rows` x V scores exist at once.
+    """
     hidden_ni, has_source = efficient_hidden(model, batch["input_ids"], batch["attention_mask"], position_ids)
-    rows = (rows_that_matter(target, cfg) & has_source[:, :-1]).reshape(-1).nonzero(as_tuple=True)[0]
-    scored = stand_in(labels).reshape(-1)
-    main = logits[:, :-1].detach()
-    main_flat = main.reshape(-1, main.shape[-1])
-    hid = hidden_ni[:, :-1].reshape(-1, hidden_ni.shape[-1])
+    hidden_ni = hidden_ni[:, :-1]
+    rows = (need & has_source[:, :-1]).reshape(-1).nonzero(as_tuple=True)[0]
+    b, s1 = need.shape
+    scored = stand_in(shift_labels(batch["labels"])).reshape(-1)
     lm_head = llava_of(model).lm_head
-    lg, lp = label_scores_at(rows, scored, lambda i: main_flat[i], cfg.chunk_tokens)
-    lg_ni, lp_ni = label_scores_at(rows, scored, lambda i: lm_head(hid[i]), cfg.chunk_tokens)
-    delta = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    delta[rows] = raw_token_scores(cfg.kind, lg, lp, lg_ni, lp_ni)
-    return loss_from_deltas(token_ce(logits[:, :-1], labels), delta.view_as(labels), target, cfg, return_stats)
+    chunk = chunk_rows(cfg.chunk_tokens, lm_head.out_features)
+
+    def logits_of(idx):
+        return lm_head(hidden_ni[idx // s1, idx % s1])
+
+    lg_ni, lp_ni = label_scores_at(rows, scored, logits_of, chunk)
+    delta = torch.zeros(b * s1, dtype=torch.float32, device=need.device)
+    delta[rows] = raw_token_scores(cfg.kind, main.logit.reshape(-1)[rows], main.logprob.reshape(-1)[rows], lg_ni, lp_ni)
+    return delta.view(b, s1)
 
 
 def text_loss(model, batch: dict) -> torch.Tensor:
