@@ -18,12 +18,14 @@ P_MCQ = 0.25  # share of scene questions asked as multiple choice
 
 
 def _scene_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[dict[str, str]]:
-    """A conversation about a scene the user describes in words (the LLM has no eyes yet)."""
+    """A conversation about a scene the user describes in words (the LLM has no eyes yet).
+    Several questions per description: reading the answer out of the context is the skill an
+    MLLM needs later, and a tiny model needs many examples of it."""
     messages = []
-    for category in rng.sample(CATEGORIES, len(CATEGORIES)):
+    for _ in range(4 * n_turns):
         if len(messages) // 2 >= n_turns:
             break
-        q = ask(scene, category, rng)
+        q = ask(scene, rng.choice(CATEGORIES), rng)
         if q is None:
             continue
         if rng.random() < P_MCQ:
@@ -51,18 +53,20 @@ def llm_corpus(ws: WorldSize, rng: random.Random, people: list[Person], exclude_
 
     docs = []
     scenes = sample_scenes(rng, ws.n_llm_scene_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
-    docs += [language.own_style(s) for s in scenes]
-    for person in people:
-        for _ in range(ws.fact_repeats):
-            statements = person.statements()
-            rng.shuffle(statements)
-            docs.append(" ".join(statements))
+    docs += [language.own_style_any(s, rng) for s in scenes]
+    for _ in range(ws.n_llm_fact_docs):
+        # A dense fact sheet about a few people; each fact as a statement or as an FAQ line, so
+        # it is known in more than one frame.
+        lines = []
+        for person in rng.sample(people, min(len(people), rng.randint(2, 5))):
+            lines += [rng.choice(pair) for pair in zip(person.statements(), person.faq_lines())]
+        rng.shuffle(lines)
+        docs.append(" ".join(lines))
     chat_scenes = sample_scenes(rng, ws.n_llm_chat_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
     for scene in chat_scenes:
-        n_turns = rng.randint(1, 3)
         if rng.random() < P_FACT_CHAT:
-            docs.append(render_chat(_fact_turns(people, rng, n_turns)))
+            docs.append(render_chat(_fact_turns(people, rng, rng.randint(1, 3))))
         else:
-            docs.append(render_chat(_scene_turns(scene, rng, n_turns)))
+            docs.append(render_chat(_scene_turns(scene, rng, rng.randint(2, 6))))
     rng.shuffle(docs)
     return [d + END_OF_TEXT for d in docs]

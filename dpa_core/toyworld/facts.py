@@ -24,6 +24,10 @@ class Person:
     def statements(self) -> list[str]:
         return [f"{self.name} lives in {self.town}.", f"{self.name} likes {self.food}.", f"{self.name} has a pet {self.pet}."]
 
+    def faq_lines(self) -> list[str]:
+        """The same facts as question-and-answer lines, e.g. "where does bilom live? marn." """
+        return [f"{q} {right}." for q, _answer, right, _pool in self.questions()]
+
     def questions(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
         """(question, open answer, right value, all values of that kind) for each fact."""
         s = self.statements()

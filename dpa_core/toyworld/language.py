@@ -1,8 +1,9 @@
 """Language styles: the same Scene said in three registers.
 
-- own style: the base LLM's native register (its pretraining corpus): plain, lowercase, complete.
-- terse: alt-text (like BLIP-LCS): close to the own style, but it leaves out positions, counts and
-  relations, and sometimes sizes. Less visual content, no style conflict.
+- own style: the base LLM's native register (its pretraining corpus): plain and lowercase; full
+  descriptions (count, objects with positions, relations) and short mentions of the objects.
+- terse: alt-text (like BLIP-LCS): a short mention, sometimes "picture of ..." and no full stop;
+  it leaves out positions, counts and relations. Less visual content, little style conflict.
 - verbose: florid prose (the ShareGPT4V-like "high quality" set): every fact of the own style,
   plus more; most of its tokens are style words that carry no visual information and that the
   base LLM has never seen in use. More visual content, strong style conflict.
@@ -29,8 +30,8 @@ def _relation_pairs(scene: Scene) -> list[tuple[Obj, Obj]]:
 
 
 def own_style(scene: Scene) -> str:
-    """The base LLM's register, e.g. "there are two shapes. a large red circle is at the top left.
-    a small blue square is at the center. the circle is above and left of the square." """
+    """The base LLM's full description, e.g. "there are two shapes. a large red circle is at the top
+    left. a small blue square is at the center. the circle is above and left of the square." """
     n = scene.count
     parts = ["there is one shape." if n == 1 else f"there are {_count_phrase(n)}."]
     parts += [f"a {o.size} {o.color} {o.shape} is at the {o.position}." for o in scene.objects]
@@ -38,12 +39,31 @@ def own_style(scene: Scene) -> str:
     return " ".join(parts)
 
 
+def _mention(objs: list[Obj], rng: random.Random) -> str:
+    """ "a red circle, a small blue square and a green triangle" (sizes said half of the time)."""
+    names = [f"a {o.size + ' ' if rng.random() < 0.5 else ''}{o.color} {o.shape}" for o in objs]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def own_style_any(scene: Scene, rng: random.Random) -> str:
+    """Any of the base LLM's plain forms: its register is not a single template (a real LLM has
+    seen short mentions as well as full descriptions), so plain short text is familiar to it."""
+    form = rng.random()
+    if form < 0.5:
+        return own_style(scene)
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    if form < 0.75:
+        head = "there is one shape: " if scene.count == 1 else f"there are {_count_phrase(scene.count)}: "
+        return head + _mention(objs, rng) + "."
+    return _mention(objs, rng) + "."
+
+
 def terse(scene: Scene, rng: random.Random) -> str:
     """Alt-text, e.g. "a red circle and a small blue square." or "picture of a green triangle"."""
     objs = list(scene.objects)
     rng.shuffle(objs)
-    names = [f"a {o.size + ' ' if rng.random() < 0.5 else ''}{o.color} {o.shape}" for o in objs]
-    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    text = _mention(objs, rng)
     if rng.random() < 0.25:
         text = "picture of " + text
     return text + ("." if rng.random() < 0.7 else "")

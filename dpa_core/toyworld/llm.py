@@ -30,9 +30,12 @@ def make_llm(ws: WorldSize, tok: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
-def token_stream(tok: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
+def token_stream(tok: PreTrainedTokenizerFast, docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All documents laid end to end, and the offset where each one starts."""
     ids = tok(docs, add_special_tokens=False)["input_ids"]
-    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    lengths = torch.tensor([len(doc) for doc in ids])
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.tensor([t for doc in ids for t in doc], dtype=torch.long), starts
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -44,17 +47,27 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: Qwen2ForCausalLM, stream: torch.Tensor, ws: WorldSize, seed: int) -> dict:
-    """Train in place; returns loss statistics for the manifest."""
+def pretrain(model: Qwen2ForCausalLM, stream: torch.Tensor, doc_starts: torch.Tensor, ws: WorldSize, seed: int) -> dict:
+    """Train in place; returns loss statistics for the manifest.
+
+    Every training window begins at a document start (then runs on into the next documents):
+    a window cut into a chat would show answers without the scene they are about, and teach the
+    model that the context does not matter."""
     gen = torch.Generator().manual_seed(seed)
     block = min(ws.llm_block, len(stream))
-    opt = torch.optim.AdamW(model.parameters(), lr=ws.llm_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    doc_starts = doc_starts[doc_starts <= len(stream) - block]
+    # No weight decay on embeddings, norms and biases (as nanoGPT): decay would wear down the
+    # embeddings of rare tokens, such as the names the facts are about.
+    matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                            lr=ws.llm_lr, betas=(0.9, 0.95))
     model.train()
     losses = []
     for step in range(ws.llm_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ws.llm_steps, ws.llm_lr)
-        starts = torch.randint(0, len(stream) - block + 1, (ws.llm_batch,), generator=gen)
+        starts = doc_starts[torch.randint(0, len(doc_starts), (ws.llm_batch,), generator=gen)]
         batch = torch.stack([stream[s : s + block] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss  # the model shifts labels by one
         opt.zero_grad(set_to_none=True)

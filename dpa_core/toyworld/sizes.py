@@ -24,7 +24,7 @@ class WorldSize:
     # the base LLM's own pretraining corpus
     n_llm_scene_docs: int  # plain scene descriptions (text only, no images)
     n_llm_chat_docs: int  # chat-formatted QA (about facts, and about scenes given as text)
-    fact_repeats: int  # how often each entity's fact sheet appears in the corpus
+    n_llm_fact_docs: int  # fact sheets (a few people's facts each)
     # tokenizer
     vocab_size: int
     # base LLM (Qwen2ForCausalLM)
@@ -58,10 +58,10 @@ SIZES: dict[str, WorldSize] = {
     "smoke": WorldSize(
         image_size=32, n_train_images=160, n_bench_images=24, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=3,
-        n_entities=12, n_llm_scene_docs=1200, n_llm_chat_docs=1200, fact_repeats=12,
-        vocab_size=512,
+        n_entities=8, n_llm_scene_docs=1200, n_llm_chat_docs=1200, n_llm_fact_docs=800,
+        vocab_size=768,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
-        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=3e-3,
+        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3,
         clip_patch=8, clip_hidden=64, clip_layers=2, clip_heads=2, clip_intermediate=128,
         clip_projection=32, clip_text_max_len=48, clip_batch=64, clip_steps=100, clip_lr=1e-3,
         ppl_texts=48,
@@ -70,12 +70,12 @@ SIZES: dict[str, WorldSize] = {
     "default": WorldSize(
         image_size=48, n_train_images=3000, n_bench_images=150, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=4,
-        n_entities=40, n_llm_scene_docs=12000, n_llm_chat_docs=12000, fact_repeats=20,
+        n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000,
         vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
-        llm_max_positions=512, llm_block=256, llm_batch=32, llm_steps=1500, llm_lr=2e-3,
+        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=600, llm_lr=4e-3,
         clip_patch=12, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
-        clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=500, clip_lr=1e-3,
+        clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=300, clip_lr=1e-3,
         ppl_texts=200,
     ),
 }

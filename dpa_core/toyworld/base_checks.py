@@ -1,0 +1,60 @@
+"""Sanity checks of the bootstrapped LLM, for the manifest: does it know its facts, and does it
+answer in chat form? (The study compares later models against these numbers.)"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from .chat import render_chat
+from .facts import Person
+from .language import own_style
+from .questions import LETTERS, format_mcq
+from .scenes import Scene
+
+
+@torch.no_grad()
+def _logprob(model: PreTrainedModel, tok: PreTrainedTokenizerFast, prompt: str, continuation: str) -> float:
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    return sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
+
+
+def text_bench_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, items: list[dict], people: list[Person]) -> float:
+    """Each choice scored as the assistant's full answer sentence in chat form (the answers in the
+    pretraining chats read "<name> lives in <town>." etc.), the best-scoring choice is the guess."""
+    answers = {q: (answer, right) for p in people for q, answer, right, _ in p.questions()}
+    prompt_of = lambda q: render_chat([{"role": "user", "content": q}]) + "<|im_start|>assistant\n"  # noqa: E731
+    hits = 0
+    for item in items:
+        answer, right = answers[item["question"]]
+        stem = answer[: answer.rindex(right)]
+        scores = [_logprob(model, tok, prompt_of(item["question"]), f"{stem}{choice}.") for choice in item["choices"]]
+        hits += int(max(range(4), key=scores.__getitem__) == item["answer"])
+    return hits / len(items)
+
+
+def scene_text_mcq_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerFast, rows: list[dict],
+                            scenes: list[Scene]) -> float:
+    """The benchmark's questions with the scene given as own-style TEXT instead of the image: what
+    the LLM can do when it is told what the image shows (letters scored by probability)."""
+    letter_ids = [tok(letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+    hits = 0
+    for row in rows:
+        scene = scenes[int(row["image_file"].split("/")[-1].split(".")[0])]
+        user = f"{own_style(scene)}\n{format_mcq(row['question'], [row[k] for k in LETTERS])}"
+        ids = tok(render_chat([{"role": "user", "content": user}]) + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        hits += int(LETTERS[int(logits[letter_ids].argmax())] == row["answer"])
+    return hits / max(1, len(rows))
+
+
+@torch.no_grad()
+def chat_sample(model: PreTrainedModel, tok: PreTrainedTokenizerFast, question: str, max_new_tokens: int = 24) -> str:
+    """The model's greedy answer to a question, through the saved chat template."""
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

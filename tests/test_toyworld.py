@@ -1,0 +1,190 @@
+"""The toy world: layout, determinism, held-out benchmarks, well-formed records, loadable models,
+and the measured language prior conflict. One smoke world is built per module; extra builds use
+two training steps (the data files do not depend on training)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dpa_core.errors import DPAInputError
+from dpa_core.toyworld import build_world, resolve_size
+from dpa_core.toyworld.__main__ import main as cli_main
+from dpa_core.toyworld.chat import render_chat
+
+FAST = {"llm_steps": 2, "clip_steps": 2}
+DATA_GLOBS = ("images/train/*.png", "images/bench/*.png", "captions/*.json", "instruct/*.json",
+              "bench/*.tsv", "text_bench/*.jsonl")
+LAYOUT = ("images/train", "images/bench", "captions/terse.json", "captions/verbose.json", "instruct/train.json",
+          "bench/toy_mcq.tsv", "text_bench/facts.jsonl", "models/llm/config.json", "models/llm/model.safetensors",
+          "models/llm/tokenizer.json", "models/clip/config.json", "models/clip/model.safetensors",
+          "models/clip/preprocessor_config.json", "metrics/prior_gap.json", "manifest.json")
+TRAINING_FILES = ("captions/terse.json", "captions/verbose.json", "instruct/train.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toyworld") / "world"
+    build_world(out, "smoke", seed=0)
+    return out
+
+
+def sha(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def data_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha(p.read_bytes()) for g in DATA_GLOBS for p in sorted(root.glob(g))}
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_layout_and_manifest(world):
+    for rel in LAYOUT:
+        assert (world / rel).exists(), rel
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["size"] == "smoke"
+    assert manifest["counts"]["train_images"] == len(list((world / "images/train").glob("*.png")))
+    assert manifest["bytes"]["total"] < 50e6
+    assert not [p for p in world.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_same_seed_same_data_bytes_other_seed_other_data(world, tmp_path):
+    again = tmp_path / "again"
+    build_world(again, "smoke", seed=0, overrides=FAST)
+    reference = data_digest(world)
+    assert len(reference) > 100
+    assert data_digest(again) == reference
+    # The CLI, with another seed: other data.
+    assert cli_main(["--out", str(tmp_path / "other"), "--size", "smoke", "--seed", "1",
+                     "--set", "llm_steps=2", "--set", "clip_steps=2"]) == 0
+    other = data_digest(tmp_path / "other")
+    assert other.keys() == reference.keys()
+    assert sum(other[k] != reference[k] for k in reference) > 0.9 * len(reference)
+
+
+def test_metrics_are_deterministic(tmp_path):
+    a = build_world(tmp_path / "a", "smoke", seed=3, overrides=FAST)
+    b = build_world(tmp_path / "b", "smoke", seed=3, overrides=FAST)
+    for style, ppl in a["prior_gap_ppl"].items():
+        assert b["prior_gap_ppl"][style] == pytest.approx(ppl, rel=1e-4)
+
+
+def test_benchmarks_are_held_out(world):
+    train_png = {sha(p.read_bytes()) for p in (world / "images/train").glob("*.png")}
+    bench_png = {sha(p.read_bytes()) for p in (world / "images/bench").glob("*.png")}
+    assert bench_png and not train_png & bench_png
+    rows = read_tsv(world / "bench/toy_mcq.tsv")
+    tsv_png = {sha(base64.b64decode(r["image"])) for r in rows}
+    assert tsv_png <= bench_png
+    # No training record shows a benchmark image, so no benchmark question+answer is trained
+    # on for that image.
+    for rel in TRAINING_FILES:
+        for rec in json.loads((world / rel).read_text()):
+            assert not rec["image"].startswith("bench/")
+            assert sha((world / "images" / rec["image"]).read_bytes()) not in tsv_png
+
+
+def test_training_records_are_well_formed(world):
+    from dpa_core.data import load_llava_records  # the pipeline's own validating loader
+
+    ids = set()
+    for rel in TRAINING_FILES:
+        records = json.loads((world / rel).read_text())
+        assert records
+        for rec in records:
+            assert rec["id"] not in ids
+            ids.add(rec["id"])
+            assert (world / "images" / rec["image"]).is_file()
+            turns = rec["conversations"]
+            assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert turns[0]["value"].startswith("<image>\n") and turns[0]["value"].count("<image>") == 1
+            assert all("<image>" not in t["value"] for t in turns[1:])
+            assert all(t["value"].strip() for t in turns if t["from"] == "gpt")
+        assert len(load_llava_records(world / rel, world / "images")) == len(records)
+    assert any(len(r["conversations"]) > 2 for r in json.loads((world / "instruct/train.json").read_text()))
+
+
+def test_benchmark_formats(world):
+    rows = read_tsv(world / "bench/toy_mcq.tsv")
+    assert list(rows[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
+    assert [int(r["index"]) for r in rows] == list(range(len(rows)))
+    assert {r["category"] for r in rows} == {"color", "shape", "position", "count", "relation"}
+    for r in rows:
+        assert r["answer"] in "ABCD" and len({r[k] for k in "ABCD"}) == 4
+    with Image.open(io.BytesIO(base64.b64decode(rows[0]["image"]))) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    facts = [json.loads(line) for line in (world / "text_bench/facts.jsonl").read_text().splitlines()]
+    assert facts
+    for f in facts:
+        assert set(f) == {"id", "question", "choices", "answer"}
+        assert len(f["choices"]) == 4 and isinstance(f["answer"], int) and 0 <= f["answer"] < 4
+
+
+def test_models_load_with_plain_transformers(world):
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    tok = AutoTokenizer.from_pretrained(world / "models/llm")
+    llm = AutoModelForCausalLM.from_pretrained(world / "models/llm")
+    assert type(llm).__name__ == "Qwen2ForCausalLM"
+    assert "<image>" not in tok.get_vocab()
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    messages = [{"role": "user", "content": "what color is the circle?"}, {"role": "assistant", "content": "red."}]
+    assert tok.chat_template and tok.apply_chat_template(messages, tokenize=False) == render_chat(messages)
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt")
+    assert llm.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+    vision = CLIPVisionModel.from_pretrained(world / "models/clip")
+    processor = AutoImageProcessor.from_pretrained(world / "models/clip")
+    image = Image.open(next((world / "images/bench").glob("*.png"))).convert("RGB")
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        features = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    cfg = vision.config
+    assert features.shape == (1, (cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+
+def test_prior_gap(world):
+    gap = json.loads((world / "metrics/prior_gap.json").read_text())
+    ppl, uniform = gap["ppl"], gap["uniform_ppl"]
+    assert uniform == len(json.loads((world / "models/llm/tokenizer.json").read_text())["model"]["vocab"])
+    assert ppl["own_style"] < uniform / 20  # far better than a uniform guess on its own style
+    assert ppl["verbose"] > 5 * ppl["own_style"]  # and clearly worse on the verbose style
+    assert gap["detail"]["verbose"]["non_content_token_share"] > 0.5
+
+
+def test_sizes_and_overrides():
+    assert resolve_size("smoke", {"llm_steps": 50}).llm_steps == 50
+    assert resolve_size("default").image_size % resolve_size("default").clip_patch == 0
+    for size, overrides in [("huge", None), ("smoke", {"no_such_field": 1}), ("smoke", {"llm_steps": 1.5}),
+                            ("smoke", {"image_size": 30}), ("smoke", {"llm_steps": 0})]:
+        with pytest.raises(DPAInputError):
+            resolve_size(size, overrides)
+    with pytest.raises(DPAInputError):
+        build_world("/nonexistent/never", "smoke", seed=-1)
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    import dpa_core.toyworld.build as build
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash during LLM pretraining")
+
+    monkeypatch.setattr(build, "pretrain", boom)
+    with pytest.raises(RuntimeError):
+        build_world(tmp_path / "world", "smoke", seed=0, overrides=FAST)
+    assert list(tmp_path.iterdir()) == []
