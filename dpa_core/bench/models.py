@@ -26,10 +26,6 @@ class ModelShape:
     vision_layers: int
     vision_heads: int
 
-    @property
-    def params_hint(self) -> str:
-        return f"h{self.hidden}x{self.layers}L v{self.vocab // 1000}k"
-
 
 # Qwen2-0.5B (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936) with CLIP ViT-L/14.
 QWEN2_05B_CLIP_L = ModelShape(896, 24, 14, 2, 4864, 151936, 1024, 24, 16)
