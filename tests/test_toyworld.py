@@ -169,9 +169,11 @@ def test_prior_gap(world):
 
 def test_sizes_and_overrides():
     assert resolve_size("smoke", {"llm_steps": 50}).llm_steps == 50
+    assert resolve_size("smoke", {"llm_lr": 1}).llm_lr == 1.0  # an int is fine for a float field
     assert resolve_size("default").image_size % resolve_size("default").clip_patch == 0
     for size, overrides in [("huge", None), ("smoke", {"no_such_field": 1}), ("smoke", {"llm_steps": 1.5}),
-                            ("smoke", {"image_size": 30}), ("smoke", {"llm_steps": 0})]:
+                            ("smoke", {"image_size": 30}), ("smoke", {"llm_steps": 0}),
+                            ("smoke", {"n_llm_florid_docs": -1})]:
         with pytest.raises(DPAInputError):
             resolve_size(size, overrides)
     with pytest.raises(DPAInputError):

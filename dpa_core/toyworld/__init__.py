@@ -37,8 +37,11 @@ situation exists, can be measured, and is not rigged either way:
    the LLM because it never saw it used, not because it falls apart into bytes.
 5. The conflict is measured, not assumed: metrics/prior_gap.json holds the base LLM's perplexity
    on held-out own-style text, terse and verbose captions, and the share of loss on non-visual
-   tokens (the paper's word-level analysis). Nothing here is tuned on DPA's results: the sizes
-   are set by the time budget, and the study reports whatever the arms do.
+   tokens (the paper's word-level analysis). By default the verbose register is absent from the
+   LLM's corpus (the sharpest conflict); the size field n_llm_florid_docs mixes some verbose
+   text into it, a dial for the conflict's strength (a real LLM has read some florid prose).
+   Nothing here is tuned on DPA's results: the sizes are set by the time budget and by the base
+   models' own sanity checks (manifest "checks"), and the study reports whatever the arms do.
 6. Held-out evaluation: benchmark scenes are drawn first and their content (not only their
    pixels) is excluded from every training image and from the LLM's corpus; benchmark questions
    cover colour, shape, position, count and relation. The text benchmark asks the plain facts,

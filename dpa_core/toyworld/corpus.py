@@ -1,6 +1,6 @@
 """The base LLM's pretraining corpus, all in its OWN style: plain scene descriptions (text only),
-the fact sheets, and chat conversations (so it behaves like an Instruct model). No terse or
-verbose caption text is in it: those registers are the captions' business."""
+the fact sheets, and chat conversations (so it behaves like an Instruct model). No caption
+text is in it; verbose-register text only if n_llm_florid_docs > 0 (0 by default)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import random
 
 from . import language
 from .chat import END_OF_TEXT, render_chat
+from .draw import max_jitter
 from .facts import Person
 from .questions import CATEGORIES, ask, format_mcq
 from .scenes import Scene, sample_scenes
@@ -49,8 +50,6 @@ def _fact_turns(people: list[Person], rng: random.Random, n_turns: int) -> list[
 def llm_corpus(ws: WorldSize, rng: random.Random, people: list[Person], exclude_keys: set) -> list[str]:
     """Documents (each ending in <|endoftext|>) in a seeded random order. Scenes whose content is
     in exclude_keys (the benchmark's) never appear, so own-style text about them stays held out."""
-    from .draw import max_jitter
-
     docs = []
     scenes = sample_scenes(rng, ws.n_llm_scene_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
     docs += [language.own_style_any(s, rng) for s in scenes]
@@ -62,6 +61,8 @@ def llm_corpus(ws: WorldSize, rng: random.Random, people: list[Person], exclude_
             lines += [rng.choice(pair) for pair in zip(person.statements(), person.faq_lines())]
         rng.shuffle(lines)
         docs.append(" ".join(lines))
+    florid_scenes = sample_scenes(rng, ws.n_llm_florid_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
+    docs += [language.verbose(s, rng) for s in florid_scenes]
     chat_scenes = sample_scenes(rng, ws.n_llm_chat_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
     for scene in chat_scenes:
         if rng.random() < P_FACT_CHAT:

@@ -9,6 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import language
 from .draw import max_jitter, png_bytes, render
@@ -132,7 +133,7 @@ def _dump_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_world_data(root: Path, data: WorldData, image_size: int) -> dict[str, int]:
+def write_world_data(root: Path, data: WorldData, image_size: int) -> dict[str, Any]:
     """Write every data file under root (the temporary world directory); returns counts."""
     pngs = {}
     for split, scenes in (("train", data.train), ("bench", data.bench)):

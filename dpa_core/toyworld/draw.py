@@ -11,7 +11,7 @@ from .scenes import COLORS, Obj, Scene
 
 BACKGROUND = (232, 232, 228)
 SUPERSAMPLE = 4  # draw large, then shrink: smooth edges make small shapes recognisable
-RADIUS_OF_CELL = {"large": 0.40, "small": 0.24}  # half the shape's extent, as a fraction of a cell
+RADIUS_OF_CELL = {"large": 0.36, "small": 0.22}  # half the shape's extent, as a fraction of a cell
 
 
 def max_jitter(image_size: int) -> int:

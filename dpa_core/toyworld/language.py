@@ -19,6 +19,11 @@ import random
 from .scenes import NUMBER_WORDS, Obj, Scene, both_relations
 
 
+def _a(word: str) -> str:
+    """The indefinite article for a word: "a red", "an orange"."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _count_phrase(n: int) -> str:
     return "one shape" if n == 1 else f"{NUMBER_WORDS[n - 1]} shapes"
 
@@ -41,7 +46,7 @@ def own_style(scene: Scene) -> str:
 
 def _mention(objs: list[Obj], rng: random.Random) -> str:
     """ "a red circle, a small blue square and a green triangle" (sizes said half of the time)."""
-    names = [f"a {o.size + ' ' if rng.random() < 0.5 else ''}{o.color} {o.shape}" for o in objs]
+    names = [_a(f"{o.size} {o.color}" if rng.random() < 0.5 else o.color) + f" {o.shape}" for o in objs]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -101,7 +106,7 @@ def verbose(scene: Scene, rng: random.Random) -> str:
     for o in scene.objects:
         parts.append(
             f"{pick(INTERJECTIONS)}, at the {o.position} {pick(VERBS)}, {pick(EMBELLISHMENTS)}, "
-            f"a {pick(INTENSIFIERS)} {o.size} {o.color} {o.shape}{pick(FLOURISHES)}!"
+            f"{_a(pick(INTENSIFIERS))} {o.size} {o.color} {o.shape}{pick(FLOURISHES)}!"
         )
     for a, b in _relation_pairs(scene):
         parts.append(f"And mark well, dear viewer, that the {a.shape} doth stand {both_relations(a, b)} the {b.shape}{pick(FLOURISHES)}.")

@@ -25,6 +25,10 @@ class WorldSize:
     n_llm_scene_docs: int  # plain scene descriptions (text only, no images)
     n_llm_chat_docs: int  # chat-formatted QA (about facts, and about scenes given as text)
     n_llm_fact_docs: int  # fact sheets (a few people's facts each)
+    # Verbose-register texts in the LLM's corpus: 0 (the default) keeps that register unseen,
+    # the sharpest conflict; a few hundred make it familiar-but-dispreferred, closer to a real
+    # LLM that has read some florid prose. A dial for the study, not a tuned value.
+    n_llm_florid_docs: int
     # tokenizer
     vocab_size: int
     # base LLM (Qwen2ForCausalLM)
@@ -58,7 +62,7 @@ SIZES: dict[str, WorldSize] = {
     "smoke": WorldSize(
         image_size=32, n_train_images=160, n_bench_images=24, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=3,
-        n_entities=8, n_llm_scene_docs=1200, n_llm_chat_docs=1200, n_llm_fact_docs=800,
+        n_entities=8, n_llm_scene_docs=1200, n_llm_chat_docs=1200, n_llm_fact_docs=800, n_llm_florid_docs=0,
         vocab_size=768,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
         llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3,
@@ -70,7 +74,7 @@ SIZES: dict[str, WorldSize] = {
     "default": WorldSize(
         image_size=48, n_train_images=3000, n_bench_images=150, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=4,
-        n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000,
+        n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000, n_llm_florid_docs=0,
         vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
         llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=600, llm_lr=4e-3,
@@ -109,7 +113,10 @@ def _check(ws: WorldSize) -> None:
             raise DPAInputError(f"inconsistent toy world size: {problem}.")
 
     for f in dataclasses.fields(ws):
-        need(getattr(ws, f.name) > 0, f"{f.name} must be positive")
+        if f.name == "n_llm_florid_docs":
+            need(ws.n_llm_florid_docs >= 0, "n_llm_florid_docs must not be negative")
+        else:
+            need(getattr(ws, f.name) > 0, f"{f.name} must be positive")
     need(1 <= ws.max_objects <= 4, "max_objects must be 1..4")
     need(ws.min_instruct_turns <= ws.max_instruct_turns, "min_instruct_turns > max_instruct_turns")
     need(ws.image_size >= 24, "image_size must be at least 24 pixels")
