@@ -8,9 +8,9 @@ can measure the proxy's perplexity on text it did not train on.
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -116,9 +116,4 @@ def mix_captions(sources: Sequence[MixSource], out_dir: str | os.PathLike, *, to
 
 
 def _jsonl(obj: dict) -> str:
-    import json
     return json.dumps(obj, ensure_ascii=False) + "\n"
-
-
-def source_counts(records: Sequence[dict]) -> Counter:
-    return Counter(r.get("source", "?") for r in records)

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
 from .data import Collator, Encoder, MultimodalDataset, TextDataset, load_llava_records, load_text_records
 from .errors import DPAInputError
-from .io import atomic_dir, read_json, write_json_atomic
+from .io import atomic_dir, write_json_atomic
 from .losses import LossConfig
 from .modeling import build_llava, load_tokenizer, save_connector, save_llava, vision_info, CONNECTOR_FILE
 from .trainer import TrainSettings, train, use_bf16
@@ -210,7 +210,3 @@ def merge(paths: ModelPaths, finetuned: Path, out_dir: Path) -> StageResult:
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     save_llava(model, processor, out_dir)
     return StageResult(out_dir, {"merged": True})
-
-
-def stage_metrics(out_dir: Path) -> dict:
-    return read_json(Path(out_dir) / "metrics.json")

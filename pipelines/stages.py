@@ -284,7 +284,7 @@ def evaluate_reference(p: Params) -> StageOutput:
     import torch
 
     from dpa_core.io import atomic_dir
-    from dpa_core.modeling import build_llava
+    from dpa_core.modeling import build_llava, save_llava
 
     out = layout(p).eval_reference()
     if not p.evaluate.reference_row:
@@ -293,10 +293,10 @@ def evaluate_reference(p: Params) -> StageOutput:
         return StageOutput("evaluate_reference", out, {})
     with tracked(p, "evaluate", "reference", 0, {"evaluate": asdict(p.evaluate)}) as run:
         torch.manual_seed(0)
-        model, processor = build_llava(model_paths(p).vision, model_paths(p).llm, image_token=p.model.image_token,
-                                       add_image_token=p.model.add_image_token)
+        paths = model_paths(p)
+        model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
+                                       add_image_token=paths.add_image_token)
         model_dir = out.with_name(out.name + ".model")
-        from dpa_core.modeling import save_llava
         save_llava(model, processor, model_dir)
         try:
             scores = _evaluate_dir(p, model_dir, out, run)
