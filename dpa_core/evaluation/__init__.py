@@ -5,7 +5,7 @@ vlmeval benchmark runs, lm-eval only when an lmeval benchmark runs. See docs/eva
 """
 
 from .answer_extraction import extract_option, match_short_answer
-from .builtin_scorer import evaluate_tsv
+from .builtin_scorer import evaluate_text_oracle, evaluate_tsv
 from .evaluate_all import evaluate_all
 from .lm_extraction import extract_language_model
 from .lmeval_runner import evaluate_lmeval
@@ -16,6 +16,7 @@ __all__ = [
     "BenchmarkSkipped",
     "evaluate_all",
     "evaluate_lmeval",
+    "evaluate_text_oracle",
     "evaluate_tsv",
     "evaluate_vlmeval",
     "extract_language_model",
