@@ -37,6 +37,7 @@ class Layout:
     def merged(self, arm: str, seed: int) -> Path: return self.root / "merged" / f"{arm}-seed{seed}"
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
+    def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
     def compare(self) -> Path: return self.root / "compare"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
@@ -279,10 +280,13 @@ def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
 
 
 def evaluate_reference(p: Params) -> StageOutput:
-    """The base models before any training (connector freshly initialised, seed 0) as a reference row."""
+    """The base models before any training (connector freshly initialised, seed 0) as a reference row,
+    and the text-oracle ceiling (the base LLM alone, told each scene in words) where a benchmark has
+    scene text."""
     import shutil
     import torch
 
+    from dpa_core.evaluation.evaluate_all import evaluate_text_oracles, text_oracle_specs
     from dpa_core.io import atomic_dir
     from dpa_core.modeling import build_llava, save_llava
 
@@ -291,18 +295,26 @@ def evaluate_reference(p: Params) -> StageOutput:
         with atomic_dir(out) as tmp:
             write_json_atomic(tmp / "scores.json", {"enabled": 0})
         return StageOutput("evaluate_reference", out, {})
+    paths = model_paths(p)
     with tracked(p, "evaluate", "reference", 0, {"evaluate": asdict(p.evaluate)}) as run:
         torch.manual_seed(0)
-        paths = model_paths(p)
         model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
                                        add_image_token=paths.add_image_token)
         model_dir = out.with_name(out.name + ".model")
         save_llava(model, processor, model_dir)
+        del model
         try:
             scores = _evaluate_dir(p, model_dir, out, run)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
-        return StageOutput("evaluate_reference", out, scores)
+    if text_oracle_specs(_benchmarks(p)):  # a benchmark TSV with a scene_text column
+        with tracked(p, "evaluate", "ceiling", 0, {"evaluate": asdict(p.evaluate), "text_oracle": True}) as run:
+            ceiling = evaluate_text_oracles(paths.llm, _benchmarks(p), layout(p).eval_ceiling(),
+                                            batch_size=p.evaluate.batch_size,
+                                            max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit)
+            run.metrics(ceiling, on_parent=True)
+            run.artifact(layout(p).eval_ceiling() / "scores.json")
+    return StageOutput("evaluate_reference", out, scores)
 
 
 def compare(p: Params) -> StageOutput:
