@@ -38,6 +38,7 @@ class Layout:
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
     def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
+    def reliance(self, arm: str, seed: int) -> Path: return self.root / "reliance" / f"{arm}-seed{seed}"
     def compare(self) -> Path: return self.root / "compare"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
@@ -322,13 +323,28 @@ def compare(p: Params) -> StageOutput:
 
     out = layout(p).compare()
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
-        result = build_comparison(p, layout(p), out)
+        result = build_comparison(p, layout(p), out, log_parent=_parent_logger(p))
         run.metrics(result["metrics"])
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
             run.artifact(out / f)
         return StageOutput("compare", out, result["metrics"])
+
+
+def _parent_logger(p: Params):
+    """Logs metrics straight onto an arm's parent run (the compare figures, beside its scores)."""
+    tracker = _tracker(p)
+    if tracker is None:
+        return None
+
+    def log(arm: str, seed: int, metrics: dict) -> None:
+        tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+        StageRun(tracker, tracker.parent_run(f"{arm}-seed{seed}", tags), None).metrics(metrics)
+        tracker.report()
+        tracker.failures.clear()
+
+    return log
 
 
 def _numeric(d: dict, prefix: str) -> dict:

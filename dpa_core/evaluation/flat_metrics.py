@@ -40,16 +40,16 @@ def flatten_summary(summary: dict) -> dict[str, float]:
             flat[meta_key(name, count)] = int(summary[count])
     lik = summary.get("likelihood")
     if lik:
-        flat[likelihood_key(name, "overall")] = float(lik["overall"])
+        flat[likelihood_key(name, None)] = float(lik["overall"])
         for category, acc in lik["by_category"].items():
             flat[likelihood_key(name, category)] = float(acc)
         flat[meta_key(name, "lik_n_correct")] = int(lik["n_correct"])
     return flat
 
 
-def likelihood_key(benchmark: str, category: str) -> str:
-    """ "<benchmark>/lik/overall" or "<benchmark>/lik/<category>" (category made key-safe as above)."""
-    part = "overall" if category == "overall" else category_key(benchmark, category).split("/", 1)[1]
+def likelihood_key(benchmark: str, category: str | None) -> str:
+    """ "<benchmark>/lik/overall" (category None) or "<benchmark>/lik/<category>" (key-safe as above)."""
+    part = "overall" if category is None else category_key(benchmark, category).split("/", 1)[1]
     return f"{metric_part(benchmark)}/{LIKELIHOOD}/{part}"
 
 
