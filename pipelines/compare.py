@@ -205,7 +205,7 @@ def reliance_rows(p, layout) -> dict[str, dict[str, tuple[float, float, int]]]:
 
 
 def _reliance_table(md: io.StringIO, rel: dict) -> list[str]:
-    keys = sorted({k for r in rel.values() for k in r if not k.endswith(("/n_tokens", "/n_captions"))})
+    keys = sorted({k for r in rel.values() for k in r if "/n_" not in k})
     if not keys:
         return []
     md.write("## Image reliance after alignment\n\nMean over held-out caption tokens of log p(token | image, prefix) − "
