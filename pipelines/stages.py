@@ -224,6 +224,35 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
         return StageOutput("align", out, res.metrics)
 
 
+def reliance(p: Params, arm: str, seed: int) -> StageOutput:
+    """Image reliance of the aligned connector, with the LLM it was aligned against, on held-out captions."""
+    from dpa_core.io import atomic_dir
+    from dpa_core.reliance import CaptionSet, connector_reliance, flat_reliance
+
+    out = layout(p).reliance(arm, seed)
+    connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
+    r = p.reliance
+    sets = [CaptionSet(c.name, Path(c.path), Path(c.image_root)) for c in r.captions]
+    adapter = _require(layout(p).proxy(seed), "proxy") if p.arm(arm).proxy else None
+    with tracked(p, "reliance", arm, seed, {"reliance": asdict(r), "proxy": adapter is not None}) as run:
+        if sets:
+            result = connector_reliance(model_paths(p), connector, sets, proxy_adapter=adapter,
+                                        content_words_file=Path(r.content_words) if r.content_words else None,
+                                        batch_size=r.batch_size, max_length=r.max_length, limit=r.limit)
+        else:
+            print("[dpa] reliance: no held-out captions configured (reliance.captions); nothing measured.", flush=True)
+            result = {}
+        metrics = flat_reliance(result)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "scores.json", metrics)
+            write_json_atomic(tmp / "reliance.json", {"arm": arm, "seed": seed, "proxy": adapter is not None,
+                                                      "content_words": r.content_words, "sets": result})
+        write_json_atomic(layout(p).metrics("reliance", arm, seed), metrics)
+        run.metrics(metrics, on_parent=True)
+        run.artifact(out / "reliance.json")
+        return StageOutput("reliance", out, metrics)
+
+
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, LoraSettings, finetune as finetune_stage
 
@@ -354,6 +383,7 @@ def _numeric(d: dict, prefix: str) -> dict:
 
 
 STAGES = {
-    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "finetune": finetune,
+    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
+    "finetune": finetune,
     "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
 }
