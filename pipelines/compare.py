@@ -71,15 +71,17 @@ def _column_order(key: str) -> tuple:
 
 
 def summarise(rows: dict) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
-    """Metric columns and {arm: {metric: (mean, std, n)}} with an 'average' of the headline scores."""
+    """Metric columns and {arm: {metric: (mean, std, n)}} with an 'average' of the headline scores
+    (for rows that have all of them)."""
     metrics = sorted({k for seeds in rows.values() for s in seeds.values() for k in s}, key=_column_order)
     heads = headline_keys(metrics)
     table = {}
     for arm, seeds in rows.items():
         per_seed = []
         for s in seeds.values():
-            present = [s[k] for k in heads if k in s]
-            per_seed.append(dict(s, **({AVERAGE: statistics.fmean(present)} if present else {})))
+            # Only over the same benchmarks for every row: the ceiling, for one, has no text benchmarks.
+            complete = all(k in s for k in heads)
+            per_seed.append(dict(s, **({AVERAGE: statistics.fmean(s[k] for k in heads)} if complete else {})))
         table[arm] = {}
         for m in [AVERAGE, *metrics]:
             vals = [s[m] for s in per_seed if m in s]
@@ -257,17 +259,20 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                  f"| questions for ±{100 * TARGET_HALF_WIDTH:.0f} (one seed) |\n|" + "---|" * 9 + "\n")
         for arm, per_metric in boots.items():
             for m, b in per_metric.items():
-                need = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)
+                # With no discordant question there is nothing to size the benchmark by.
+                need = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH) if b.discordance else None
                 stat_rows.append((arm, m, b, need))
                 md.write(f"| {arm} − {BASELINE} | {m} | {100 * b.mean:+.1f} | [{100 * b.ci_low:+.1f}, "
                          f"{100 * b.ci_high:+.1f}] | {b.verdict(arm, BASELINE)} | {100 * b.half_width:.1f} | "
-                         f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need} |\n")
+                         f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} |\n")
         head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads]
         for arm, m, b, need in head:
+            sizing = (f"a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points at one seed needs about {need} questions "
+                      f"at the observed discordance ({100 * b.discordance:.1f}%)" if need else
+                      "no question was answered differently by the two arms, so the discordance that sizes the "
+                      "benchmark is unknown")
             md.write(f"\n- {arm} − {BASELINE} on {m}: {b.verdict(arm, BASELINE)}; CI half-width "
-                     f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); "
-                     f"a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points at one seed needs about {need} questions "
-                     f"at the observed discordance ({100 * b.discordance:.1f}%).")
+                     f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}.")
         md.write("\n\n")
 
     rel = reliance_rows(p, layout)
@@ -304,7 +309,9 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
         for m, b in boots[arm].items():
             metrics |= {f"{key}/{m}": b.mean, f"{key}/{m}/ci_low": b.ci_low, f"{key}/{m}/ci_high": b.ci_high,
                         f"{key}/{m}/inconclusive": int(b.inconclusive), f"{key}/{m}/n_questions": b.n_questions,
-                        f"{key}/{m}/questions_for_2_points": questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)}
+                        f"{key}/{m}/discordance": b.discordance}
+            if b.discordance:
+                metrics[f"{key}/{m}/questions_for_2_points"] = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)
     metrics |= {f"{arm}/{k}": cell[0] for arm, r in rel.items() for k, cell in r.items()}
     plot_rows = [{"arm": label(arm), "metric": m, "score": table[arm][m][0]} for arm in arms for m in columns
                  if m in table[arm]]

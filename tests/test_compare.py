@@ -21,6 +21,19 @@ def write_scores(layout: Layout, arm: str, seed: int, scores: dict) -> None:
     (d / "scores.json").write_text(json.dumps(scores))
 
 
+def test_average_only_over_rows_with_every_benchmark(tmp_path):
+    """The ceiling has no text benchmark: an average over fewer benchmarks would not be comparable."""
+    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": True})
+    lay = Layout(tmp_path / "outputs")
+    write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "text_facts/acc": 0.4})
+    write_scores(lay, "vanilla", 0, {"toy_mcq/overall": 0.5, "text_facts/acc": 0.3})
+    lay.eval_ceiling().mkdir(parents=True)
+    (lay.eval_ceiling() / "scores.json").write_text(json.dumps({"toy_mcq/overall": 0.9}))
+    m = build_comparison(p, lay, lay.compare())["metrics"]
+    assert m["dpa/average"] == pytest.approx(0.5) and "ceiling/average" not in m
+    assert m["ceiling/toy_mcq/overall"] == 0.9
+
+
 def test_table_means_spread_and_difference(tmp_path):
     p = load_params(ROOT / "params.yaml", {"study.seeds": [0, 1], "evaluate.reference_row": False})
     lay = Layout(tmp_path / "outputs")
@@ -144,6 +157,9 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     # dpa is better on color in both modes? generation only: likelihood verdicts are vanilla's
     assert m["dpa_minus_vanilla/toy_mcq/color/ci_low"] > 0 and m["dpa_minus_vanilla/toy_mcq/color/inconclusive"] == 0
     assert m["dpa_minus_vanilla/toy_mcq/shape"] == 0.0 and m["dpa_minus_vanilla/toy_mcq/shape/inconclusive"] == 1
+    assert "dpa_minus_vanilla/toy_mcq/shape/questions_for_2_points" not in m  # no discordant question: no sizing
+    assert m["dpa_minus_vanilla/toy_mcq/color/questions_for_2_points"] == questions_needed(
+        m["dpa_minus_vanilla/toy_mcq/color/discordance"], m["dpa_minus_vanilla/toy_mcq/color"])
     assert m["dpa_minus_vanilla/toy_mcq/lik/color"] == 0.0
     assert m["dpa_minus_vanilla/toy_mcq/color/n_questions"] == n
     lo, hi = m["dpa_minus_vanilla/toy_mcq/overall/ci_low"], m["dpa_minus_vanilla/toy_mcq/overall/ci_high"]
@@ -154,7 +170,8 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     assert "| dpa − vanilla | toy_mcq/color |" in md and "dpa better" in md and "inconclusive" in md
     assert "| cal − vanilla | toy_mcq/overall |" in md
     assert "questions at the observed discordance" in md and f"over {2 * n} questions × 2 seed(s)" in md
-    assert "| ceiling (text oracle) | 1 | 90.0 |" in md and "| reference (untrained connector) | 1 | 26.0 |" in md
+    assert "no question was answered differently" in md  # cal − vanilla: identical verdicts
+    assert "| ceiling (text oracle) | 1 | 90.0 | 90.0 |" in md and "| reference (untrained connector) | 1 | 26.0 |" in md
     assert m["ceiling/toy_mcq/lik/overall"] == 0.95
     # the average is over generation headlines only (one benchmark here): it equals toy_mcq/overall
     assert m["dpa/average"] == pytest.approx(m["dpa/toy_mcq/overall"])
