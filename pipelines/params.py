@@ -237,6 +237,25 @@ class Evaluate:
 
 
 @dataclass
+class Reliance:
+    captions: list[InstructionSource] = field(default_factory=list)  # held-out caption sets (LLaVA format)
+    content_words: Optional[str] = None  # JSON list of content words; None: the all-token mean only
+    limit: Optional[int] = None
+    batch_size: int = 16
+    max_length: int = 256
+
+    def check(self, key: str) -> None:
+        _positive(self.batch_size, f"{key}.batch_size")
+        _positive(self.max_length, f"{key}.max_length")
+        if self.limit is not None:
+            _positive(self.limit, f"{key}.limit")
+        names = [c.name for c in self.captions]
+        if len(set(names)) != len(names):
+            raise ParamsError(f"{key}.captions has duplicate names {names}.", file="params.yaml",
+                              fix="give each caption set a unique name (it names its metrics).")
+
+
+@dataclass
 class Tracking:
     experiment: str = "dpa-study"
     uri: str = "sqlite:///mlflow.db"
@@ -268,6 +287,7 @@ class Params:
     align: Align = field(default_factory=Align)
     finetune: Finetune = field(default_factory=Finetune)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    reliance: Reliance = field(default_factory=Reliance)
     tracking: Tracking = field(default_factory=Tracking)
     runtime: Runtime = field(default_factory=Runtime)
 
@@ -282,6 +302,16 @@ class Params:
                     raise ParamsError(f"arm {name!r} has proxy: {self.arms[name].proxy}, so it belongs in "
                                       f"study.{other}, not study.{group}.", file="params.yaml",
                                       fix=f"move {name!r} to study.{other}.")
+        root = Path(self.data.root).resolve()
+        for i, c in enumerate(self.reliance.captions):
+            for attr in ("path", "image_root"):
+                if not Path(getattr(c, attr)).resolve().is_relative_to(root):
+                    raise ParamsError(f"reliance.captions[{i}].{attr} = {getattr(c, attr)!r} is outside data.root "
+                                      f"({self.data.root}); DVC would not see changes to it.", file="params.yaml",
+                                      fix="move or symlink the held-out captions under data.root.")
+        if self.reliance.content_words and not Path(self.reliance.content_words).resolve().is_relative_to(root):
+            raise ParamsError(f"reliance.content_words = {self.reliance.content_words!r} is outside data.root "
+                              f"({self.data.root}).", file="params.yaml", fix="move the word list under data.root.")
         if self.runtime.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ParamsError("runtime.num_processes > 1 needs runtime.launcher: accelerate.", file="params.yaml",
                               fix="set launcher: accelerate, or num_processes: 1.")

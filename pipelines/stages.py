@@ -37,6 +37,8 @@ class Layout:
     def merged(self, arm: str, seed: int) -> Path: return self.root / "merged" / f"{arm}-seed{seed}"
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
+    def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
+    def reliance(self, arm: str, seed: int) -> Path: return self.root / "reliance" / f"{arm}-seed{seed}"
     def compare(self) -> Path: return self.root / "compare"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
@@ -222,6 +224,35 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
         return StageOutput("align", out, res.metrics)
 
 
+def reliance(p: Params, arm: str, seed: int) -> StageOutput:
+    """Image reliance of the aligned connector, with the LLM it was aligned against, on held-out captions."""
+    from dpa_core.io import atomic_dir
+    from dpa_core.reliance import CaptionSet, connector_reliance, flat_reliance
+
+    out = layout(p).reliance(arm, seed)
+    connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
+    r = p.reliance
+    sets = [CaptionSet(c.name, Path(c.path), Path(c.image_root)) for c in r.captions]
+    adapter = _require(layout(p).proxy(seed), "proxy") if p.arm(arm).proxy else None
+    with tracked(p, "reliance", arm, seed, {"reliance": asdict(r), "proxy": adapter is not None}) as run:
+        if sets:
+            result = connector_reliance(model_paths(p), connector, sets, proxy_adapter=adapter,
+                                        content_words_file=Path(r.content_words) if r.content_words else None,
+                                        batch_size=r.batch_size, max_length=r.max_length, limit=r.limit)
+        else:
+            print("[dpa] reliance: no held-out captions configured (reliance.captions); nothing measured.", flush=True)
+            result = {}
+        metrics = flat_reliance(result)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "scores.json", metrics)
+            write_json_atomic(tmp / "reliance.json", {"arm": arm, "seed": seed, "proxy": adapter is not None,
+                                                      "content_words": r.content_words, "sets": result})
+        write_json_atomic(layout(p).metrics("reliance", arm, seed), metrics)
+        run.metrics(metrics, on_parent=True)
+        run.artifact(out / "reliance.json")
+        return StageOutput("reliance", out, metrics)
+
+
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, LoraSettings, finetune as finetune_stage
 
@@ -279,10 +310,13 @@ def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
 
 
 def evaluate_reference(p: Params) -> StageOutput:
-    """The base models before any training (connector freshly initialised, seed 0) as a reference row."""
+    """The base models before any training (connector freshly initialised, seed 0) as a reference row,
+    and the text-oracle ceiling (the base LLM alone, told each scene in words) where a benchmark has
+    scene text."""
     import shutil
     import torch
 
+    from dpa_core.evaluation.evaluate_all import evaluate_text_oracles, text_oracle_specs
     from dpa_core.io import atomic_dir
     from dpa_core.modeling import build_llava, save_llava
 
@@ -291,18 +325,26 @@ def evaluate_reference(p: Params) -> StageOutput:
         with atomic_dir(out) as tmp:
             write_json_atomic(tmp / "scores.json", {"enabled": 0})
         return StageOutput("evaluate_reference", out, {})
+    paths = model_paths(p)
     with tracked(p, "evaluate", "reference", 0, {"evaluate": asdict(p.evaluate)}) as run:
         torch.manual_seed(0)
-        paths = model_paths(p)
         model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
                                        add_image_token=paths.add_image_token)
         model_dir = out.with_name(out.name + ".model")
         save_llava(model, processor, model_dir)
+        del model
         try:
             scores = _evaluate_dir(p, model_dir, out, run)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
-        return StageOutput("evaluate_reference", out, scores)
+    if text_oracle_specs(_benchmarks(p)):  # a benchmark TSV with a scene_text column
+        with tracked(p, "evaluate", "ceiling", 0, {"evaluate": asdict(p.evaluate), "text_oracle": True}) as run:
+            ceiling = evaluate_text_oracles(paths.llm, _benchmarks(p), layout(p).eval_ceiling(),
+                                            batch_size=p.evaluate.batch_size,
+                                            max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit)
+            run.metrics(ceiling, on_parent=True)
+            run.artifact(layout(p).eval_ceiling() / "scores.json")
+    return StageOutput("evaluate_reference", out, scores)
 
 
 def compare(p: Params) -> StageOutput:
@@ -310,13 +352,28 @@ def compare(p: Params) -> StageOutput:
 
     out = layout(p).compare()
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
-        result = build_comparison(p, layout(p), out)
+        result = build_comparison(p, layout(p), out, log_parent=_parent_logger(p))
         run.metrics(result["metrics"])
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
             run.artifact(out / f)
         return StageOutput("compare", out, result["metrics"])
+
+
+def _parent_logger(p: Params):
+    """Logs metrics straight onto an arm's parent run (the compare figures, beside its scores)."""
+    tracker = _tracker(p)
+    if tracker is None:
+        return None
+
+    def log(arm: str, seed: int, metrics: dict) -> None:
+        tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+        StageRun(tracker, tracker.parent_run(f"{arm}-seed{seed}", tags), None).metrics(metrics)
+        tracker.report()
+        tracker.failures.clear()
+
+    return log
 
 
 def _numeric(d: dict, prefix: str) -> dict:
@@ -326,6 +383,7 @@ def _numeric(d: dict, prefix: str) -> dict:
 
 
 STAGES = {
-    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "finetune": finetune,
+    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
+    "finetune": finetune,
     "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
 }

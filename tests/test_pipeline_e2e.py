@@ -56,12 +56,23 @@ def test_every_stage_wrote_its_outputs(study):
         scores = json.loads((o / f"eval/{arm}-seed0/scores.json").read_text())
         assert any(k.startswith("toy_mcq/") for k in scores)
         assert (o / f"metrics/evaluate-{arm}-seed0.json").is_file()
+        assert any(k.startswith("toy_mcq/lik/") for k in scores), "likelihood scoring beside generation"
+        preds = [json.loads(line) for line in (o / f"eval/{arm}-seed0/toy_mcq/predictions.jsonl").read_text().splitlines()]
+        assert all("correct" in r and "lik_correct" in r for r in preds)
+        reliance = json.loads((o / f"metrics/reliance-{arm}-seed0.json").read_text())
+        assert {f"reliance/{style}/{kind}" for style in ("terse", "verbose") for kind in ("all", "content", "style")} \
+            <= set(reliance)
+    ceiling = json.loads((o / "eval_reference/ceiling/scores.json").read_text())
+    assert {"toy_mcq/overall", "toy_mcq/lik/overall"} <= set(ceiling)
     diag = json.loads((o / "metrics/diagnose-seed0.json").read_text())
     assert {"ppl/base/terse", "ppl/base/verbose", "ppl/proxy/verbose"} <= set(diag)
     for f in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (o / "compare" / f).stat().st_size > 0
     table = (o / "compare/comparison.md").read_text()
     assert "dpa − vanilla" in table and "| vanilla |" in table and "| dpa |" in table
+    assert "| ceiling (text oracle) |" in table and "| reference (untrained connector) |" in table
+    assert "## Likelihood" in table and "## Paired differences against vanilla" in table
+    assert "## Image reliance after alignment" in table
     assert "dpa − vanilla" in first.stdout  # the repro ends with the table printed
     # no work directories or temporary outputs left behind
     assert not list(o.rglob("*.work")) and not list(o.rglob(".*.tmp-*"))
@@ -75,16 +86,22 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
     exp = client.get_experiment_by_name("dpa-study")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = {r.info.run_name: r for r in runs if r.data.tags.get("dpa.parent") == "true"}
-    assert {"dpa-seed0", "vanilla-seed0", "shared"} <= set(parents)
+    assert {"dpa-seed0", "vanilla-seed0", "shared", "reference-seed0", "ceiling-seed0"} <= set(parents)
+    ceiling = json.loads((repo / "outputs/eval_reference/ceiling/scores.json").read_text())
+    assert parents["ceiling-seed0"].data.metrics["toy_mcq/lik/overall"] == pytest.approx(ceiling["toy_mcq/lik/overall"])
     for arm in ARMS:
         parent = parents[f"{arm}-seed0"]
         children = {r.data.tags["dpa.stage"]: r for r in runs
                     if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-        assert {"align", "finetune", "merge", "evaluate"} <= set(children)
+        assert {"align", "reliance", "finetune", "merge", "evaluate"} <= set(children)
+        assert any(k.startswith("reliance/verbose/") for k in parent.data.metrics)
+        assert "compare/toy_mcq/overall/mean" in parent.data.metrics
         align = children["align"]
         history = client.get_metric_history(align.info.run_id, "train/loss")
         assert len(history) >= 2, "per-step loss is logged"
         assert "align.train.learning_rate" in align.data.params
+        if arm != "vanilla":
+            assert "compare/minus_vanilla/toy_mcq/overall/ci_low" in parent.data.metrics
         # final scores are on the parent too, and equal the DVC metrics file
         scores = json.loads((repo / f"outputs/metrics/evaluate-{arm}-seed0.json").read_text())
         for k, v in scores.items():
