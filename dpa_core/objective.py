@@ -23,7 +23,20 @@ from .main_pass import MainPass, main_pass
 
 
 def multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = False):
-    """Loss of a batch {input_ids, attention_mask, pixel_values, labels} under `cfg`."""
+    """Loss of a batch {input_ids, attention_mask, pixel_values, labels} under `cfg` (pixel_values absent
+    when every record of the batch is text-only)."""
+    out = _multimodal_loss(model, batch, cfg, return_stats)
+    if batch.get("pixel_values") is None and torch.is_grad_enabled():
+        # A text-only batch never reaches the connector; under DDP a trainable parameter without a gradient
+        # stops the all-reduce. Adding 0 x the connector keeps it in the graph (its gradient is 0).
+        touch = sum(p.sum() for p in llava_of(model).model.multi_modal_projector.parameters() if p.requires_grad)
+        if isinstance(touch, torch.Tensor):
+            loss = (out[0] if return_stats else out) + 0.0 * touch
+            out = (loss, out[1]) if return_stats else loss
+    return out
+
+
+def _multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = False):
     position_ids = position_ids_for(batch["attention_mask"])
     if cfg.needs_image_free_pass and cfg.image_free == "reference":
         return reference_contrastive_loss(model, batch, position_ids, cfg, return_stats)
