@@ -349,3 +349,19 @@ def test_deepspeed_is_an_optional_extra():
     assert any(d.startswith("deepspeed") for d in project["optional-dependencies"]["deepspeed"])
     assert "deepspeed==" in (ROOT / "constraints.txt").read_text()
     assert "['optional-dependencies']['deepspeed']" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+
+
+def test_fsdp_transformer_auto_wrap_finds_every_class(tiny_paths):
+    """configs/accelerate/fsdp.yaml wraps the classes of the model's `_no_split_modules`; accelerate
+    refuses a name the model lacks, and CLIPVisionModel inherits CLIPTextEmbeddings from CLIP's list."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from dpa_core.modeling import build_llava
+
+    model, _ = build_llava(tiny_paths["clip"], tiny_paths["llm"])
+    assert set(model._no_split_modules) == {"Qwen2DecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"}
+    # sync_module_states off: with it, the plugin asks for a GPU-type device at construction
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy="transformer_based_wrap",
+                                            sync_module_states=False, cpu_ram_efficient_loading=False)
+    plugin.set_auto_wrap_policy(model)  # raised "Could not find the transformer layer class CLIPTextEmbeddings"
+    assert plugin.auto_wrap_policy is not None
