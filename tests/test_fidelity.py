@@ -321,6 +321,7 @@ def test_paper_profiles_follow_upstream(name):
     assert (p.align.image_aspect_ratio, p.finetune.image_aspect_ratio, p.finetune.image_first) == ("crop", "pad", True)
     assert p.finetune.tune == "full" and p.finetune.connector_learning_rate is None
     assert (p.proxy.max_length, p.align.max_length, p.finetune.max_length) == (8192, 8192, 2048)
+    assert p.mix.dedup is False
 
 
 # ---- item 7: DeepSpeed gradient accumulation --------------------------------------------------------
