@@ -176,13 +176,14 @@ class Encoder:
     """Turns records into token ids and labels for one tokenizer and vision tower."""
 
     def __init__(self, tokenizer, image_token: str = IMAGE_MARKER, num_image_tokens: int = 0, max_length: int = 2048,
-                 sequence_end: SequenceEnd = "eos", image_first: bool = False):
+                 sequence_end: SequenceEnd = "eos", image_first: bool = False, system_prompt: str | None = None):
         if sequence_end not in ("eos", "newline"):
             raise DPAInputError(f"unknown sequence_end {sequence_end!r}.", fix="use sequence_end: eos or newline.")
         self.tok = tokenizer
         self.sequence_end = sequence_end
         # LLaVA's preprocess_multimodal moves a single <image> to the start of its turn ("<image>\n" + text).
         self.image_first = image_first
+        self.system_prompt = system_prompt  # chat: a system message before every conversation (upstream's)
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if num_image_tokens else None
         self.num_image_tokens = num_image_tokens
@@ -243,10 +244,11 @@ class Encoder:
     def chat(self, record: Record) -> dict:
         """The LLM's own chat template; loss on assistant turns (answer and end-of-turn tokens)."""
         turns = self._turns(record)
-        msgs = [{"role": r, "content": t} for r, t in turns]
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs = head + [{"role": r, "content": t} for r, t in turns]
         full = self.tok.apply_chat_template(msgs, tokenize=False)
         spans = []
-        for i, (role, _) in enumerate(turns):
+        for i, (role, _) in enumerate(turns, start=len(head)):
             if role != "assistant":
                 continue
             prompt = self.tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)

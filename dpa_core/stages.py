@@ -165,7 +165,8 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
 def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSource], out_dir: Path, *,
              loss: LossConfig, settings: TrainSettings, tune: Literal["lora", "full"] = "lora",
              lora: LoraSettings | None = None, max_length: int = 2048, image_aspect_ratio: AspectRatio = "crop",
-             image_first: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
+             image_first: bool = False, system_prompt: str | None = None,
+             callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Instruction tuning of the original LLM with the learned connector; loss on answers only.
     Text-only records are accepted (see `load_records`).
 
@@ -188,13 +189,14 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
         raise DPAInputError(f"unknown finetune mode {tune!r}.", fix="use tune: lora or tune: full.")
     _upcast_trainable(model)
     enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length,
-                  image_first=image_first)
+                  image_first=image_first, system_prompt=system_prompt)
     run = train(model, MultimodalDataset(records, enc.chat, processor.image_processor, image_aspect_ratio),
                 Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
                 callbacks=callbacks,
                 fingerprint={"stage": "finetune", "paths": asdict(paths), "connector": str(connector), "tune": tune,
                              "lora": asdict(lora) if lora else None, "data": [asdict(d) for d in instructions],
-                             "image_aspect_ratio": image_aspect_ratio, "image_first": image_first})
+                             "image_aspect_ratio": image_aspect_ratio, "image_first": image_first,
+                             "system_prompt": system_prompt})
 
     def write(tmp: Path) -> None:
         if tune == "lora":

@@ -222,6 +222,7 @@ class Finetune:
     max_length: int = 256
     image_aspect_ratio: Literal["crop", "pad"] = "crop"
     image_first: bool = False
+    system_prompt: Optional[str] = None
     connector_learning_rate: Optional[float] = None
     train: Train = field(default_factory=Train)
 

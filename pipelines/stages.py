@@ -236,7 +236,8 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
         res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=settings,
                              tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
                              max_length=p.finetune.max_length, image_aspect_ratio=p.finetune.image_aspect_ratio,
-                             image_first=p.finetune.image_first, callbacks=[MlflowStepLogger(run)])
+                             image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         if p.finetune.tune == "lora":
             run.artifact(out / "adapter", "adapter")

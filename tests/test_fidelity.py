@@ -131,6 +131,22 @@ def test_image_first_moves_the_image_to_the_start_of_its_turn(tok, wide_world, t
     assert moved != kept and moved.index(image_id) < kept.index(image_id)
 
 
+def test_system_prompt_precedes_every_conversation(tok, wide_world, tmp_path):
+    rec = {"id": "q", "image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is left?"}, {"from": "gpt", "value": "red."}]}
+    (tmp_path / "q.json").write_text(json.dumps([rec]))
+    r = load_llava_records(tmp_path / "q.json", wide_world["images"])[0]
+    ex = Encoder(tok, "<image>", 1, system_prompt="You are a helpful assistant.").chat(r)
+    want = tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                    {"role": "user", "content": "<image>\nWhat is left?"},
+                                    {"role": "assistant", "content": "red."}], tokenize=False)
+    assert ex["input_ids"].tolist() == tok(want, add_special_tokens=False)["input_ids"]
+    # the loss is still on the answer only: the same targets as without a system message
+    plain = Encoder(tok, "<image>", 1).chat(r)
+    targets = lambda e: [t for t in e["labels"].tolist() if t != IGNORE_INDEX]
+    assert targets(ex) == targets(plain) and targets(ex)
+
+
 # ---- item 6: text-only records in instruction data ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -309,7 +325,7 @@ def test_toy_defaults_keep_todays_behaviour():
     p = load_params(ROOT / "params.yaml")
     assert (p.loss.image_boundary, p.proxy.sequence_end, p.align.sequence_end) == ("last_text", "eos", "eos")
     assert (p.align.image_aspect_ratio, p.finetune.image_aspect_ratio, p.finetune.image_first) == ("crop", "crop", False)
-    assert p.finetune.connector_learning_rate is None
+    assert p.finetune.connector_learning_rate is None and p.finetune.system_prompt is None
     assert not any(getattr(p, s).train.group_by_modality_length for s in ("proxy", "align", "finetune"))
 
 
@@ -320,6 +336,9 @@ def test_paper_profiles_follow_upstream(name):
     assert (p.proxy.sequence_end, p.align.sequence_end) == ("newline", "newline")
     assert (p.align.image_aspect_ratio, p.finetune.image_aspect_ratio, p.finetune.image_first) == ("crop", "pad", True)
     assert p.finetune.tune == "full" and p.finetune.connector_learning_rate is None
+    assert p.finetune.system_prompt == {"qwen2.5-7b": "You are a helpful assistant.", "gemma2-9b": None}.get(
+        name, "You are a helpful language and vision assistant. You are able to understand the visual content that "
+        "the user provides, and assist the user with a variety of tasks using natural language.")
     assert (p.proxy.max_length, p.align.max_length, p.finetune.max_length) == (8192, 8192, 2048)
     assert p.mix.dedup is False
 
