@@ -27,8 +27,8 @@ def multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = Fa
     when every record of the batch is text-only)."""
     out = _multimodal_loss(model, batch, cfg, return_stats)
     if batch.get("pixel_values") is None and torch.is_grad_enabled():
-        # A text-only batch never reaches the connector; under DDP a trainable parameter without a gradient
-        # stops the all-reduce. Adding 0 x the connector keeps it in the graph (its gradient is 0).
+        # A text-only batch never reaches the connector, and DDP fails on a trainable parameter that got no
+        # gradient. Adding 0 x the connector keeps it in the graph (its gradient is 0).
         touch = sum(p.sum() for p in llava_of(model).model.multi_modal_projector.parameters() if p.requires_grad)
         if isinstance(touch, torch.Tensor):
             loss = (out[0] if return_stats else out) + 0.0 * touch

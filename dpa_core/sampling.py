@@ -46,7 +46,7 @@ def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, wor
     if any(l == 0 for l in lengths):
         raise ValueError("modality lengths must be non-zero (sign = modality)")
     if all(l > 0 for l in lengths) or all(l < 0 for l in lengths):
-        return length_grouped_indices([abs(l) for l in lengths], batch_size, world_size, generator)
+        return length_grouped_indices(lengths, batch_size, world_size, generator)  # as upstream, signs kept
     mm_idx, mm_len = zip(*[(i, l) for i, l in enumerate(lengths) if l > 0])
     lang_idx, lang_len = zip(*[(i, -l) for i, l in enumerate(lengths) if l < 0])
     mm = [mm_idx[i] for i in length_grouped_indices(mm_len, batch_size, world_size, generator)]
