@@ -134,6 +134,7 @@ class Loss:
     window: int = 3
     smoothing: Literal["flat", "per_sequence"] = "flat"
     image_free: Literal["efficient", "reference"] = "efficient"
+    image_boundary: Literal["last_text", "image_position"] = "last_text"
     cmo_in_align: bool = True
     cmo_in_finetune: bool = True
 
@@ -175,6 +176,7 @@ class Train:
     save_steps: int = 200
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    group_by_modality_length: bool = False
 
     def check(self, key: str) -> None:
         _positive(self.learning_rate, f"{key}.learning_rate")
@@ -195,12 +197,21 @@ class Train:
 class Proxy:
     lora: Lora = field(default_factory=Lora)
     max_length: int = 128
+    sequence_end: Literal["eos", "newline"] = "eos"
     train: Train = field(default_factory=Train)
+
+    def check(self, key: str) -> None:
+        if self.train.group_by_modality_length:
+            raise ParamsError(f"{key}.train.group_by_modality_length: the proxy stage trains on text only, "
+                              "there is no modality to group by.", file="params.yaml",
+                              fix=f"set {key}.train.group_by_modality_length: false.")
 
 
 @dataclass
 class Align:
     max_length: int = 256
+    image_aspect_ratio: Literal["crop", "pad"] = "crop"
+    sequence_end: Literal["eos", "newline"] = "eos"
     train: Train = field(default_factory=Train)
 
 
@@ -209,7 +220,15 @@ class Finetune:
     tune: Literal["lora", "full"] = "lora"
     lora: Lora = field(default_factory=Lora)
     max_length: int = 256
+    image_aspect_ratio: Literal["crop", "pad"] = "crop"
+    image_first: bool = False
+    system_prompt: Optional[str] = None
+    connector_learning_rate: Optional[float] = None
     train: Train = field(default_factory=Train)
+
+    def check(self, key: str) -> None:
+        if self.connector_learning_rate is not None:
+            _positive(self.connector_learning_rate, f"{key}.connector_learning_rate")
 
 
 @dataclass

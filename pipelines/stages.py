@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -116,7 +116,8 @@ def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
         kind = "vanilla"
     l = p.loss
     return LossConfig(kind, delta_min=l.delta_min, delta_max=l.delta_max, cal_min=l.cal_min, cal_max=l.cal_max,
-                      window=l.window, smoothing=l.smoothing, image_free=l.image_free)
+                      window=l.window, smoothing=l.smoothing, image_free=l.image_free,
+                      image_boundary=l.image_boundary)
 
 
 def model_paths(p: Params):
@@ -174,7 +175,7 @@ def proxy(p: Params, seed: int) -> StageOutput:
     with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
         res = proxy_pretrain(Path(p.model.llm), corpus, out, lora=LoraSettings(**asdict(p.proxy.lora)),
                              settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
-                             callbacks=[MlflowStepLogger(run)])
+                             sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("proxy", None, seed), res.metrics)
@@ -217,7 +218,8 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
                           loss=lc, settings=train_settings(p.align, seed),
                           proxy_adapter=_require(layout(p).proxy(seed), "proxy") if use_proxy else None,
-                          max_length=p.align.max_length, callbacks=[MlflowStepLogger(run)])
+                          max_length=p.align.max_length, image_aspect_ratio=p.align.image_aspect_ratio,
+                          sequence_end=p.align.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
@@ -261,9 +263,12 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
     lc = loss_config(p, arm, "finetune")
     with tracked(p, "finetune", arm, seed, {"finetune": asdict(p.finetune), "loss": asdict(lc)}) as run:
-        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=train_settings(p.finetune, seed),
+        settings = replace(train_settings(p.finetune, seed), connector_learning_rate=p.finetune.connector_learning_rate)
+        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=settings,
                              tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
-                             max_length=p.finetune.max_length, callbacks=[MlflowStepLogger(run)])
+                             max_length=p.finetune.max_length, image_aspect_ratio=p.finetune.image_aspect_ratio,
+                             image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         if p.finetune.tune == "lora":
             run.artifact(out / "adapter", "adapter")
