@@ -3,6 +3,7 @@
     dpa stage NAME [--arm ARM] [--seed N] [-S key=value ...]   run one stage (what dvc.yaml calls)
     dpa validate [-S key=value ...]                             check params.yaml (+ profile) and exit
     dpa show                                                    print the compare table of the last run
+    dpa sweep conflict --values 0,0.5,1 [-S key=value ...]      the conflict dial (DPA − Vanilla vs prior gap)
     dpa bench cmo [...]                                         the CMO speed/memory benchmark
     dpa flow [...]                                              run the Prefect flow once (see README)
 
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     va.add_argument("-S", "--set", action="append", metavar="KEY=VALUE")
     sh = sub.add_parser("show", help="print the comparison table")
     sh.add_argument("--params", default="params.yaml")
+    sw = sub.add_parser("sweep", help="the conflict dial: one DVC experiment per world.verbose_style value")
+    sw.add_argument("what", choices=["conflict"])
+    sw.add_argument("--values", default="0,0.5,1", help="dial settings in 0..1, comma-separated")
+    sw.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="passed to every dvc exp run")
     be = sub.add_parser("bench", help="benchmarks", add_help=False)
     be.add_argument("what", choices=["cmo"])
     fl = sub.add_parser("flow", help="run the Prefect flow once, in-process", add_help=False)
@@ -116,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             from .stages import layout
 
             print((layout(p).compare() / "comparison.md").read_text())
+            return 0
+        if args.cmd == "sweep":
+            from .sweep import parse_values, run_conflict_sweep
+
+            values = parse_values(args.values)
+            load_params("params.yaml", _overrides(args.set))  # fail before the first run
+            run_conflict_sweep(values, args.set or [])
             return 0
         if args.cmd == "bench":
             from dpa_core.bench.cmo import main as bench_main

@@ -32,6 +32,13 @@ class World:
     size: Literal["smoke", "default"] = "default"
     seed: int = 0
     out: str = "data/toyworld"
+    base_models: Optional[str] = None
+    verbose_style: float = 1.0
+
+    def check(self, key: str) -> None:
+        if not 0.0 <= self.verbose_style <= 1.0:
+            raise ParamsError(f"{key}.verbose_style must lie in 0..1 (got {self.verbose_style}).", file="params.yaml",
+                              fix="use 1 for the full florid register, 0 for plain sentences.")
 
 
 @dataclass

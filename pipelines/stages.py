@@ -146,7 +146,8 @@ def world(p: Params) -> StageOutput:
     from dpa_core.toyworld import build_world
 
     with tracked(p, "world", None, None, {"world": asdict(p.world)}) as run:
-        manifest = build_world(p.world.out, p.world.size, p.world.seed)
+        manifest = build_world(p.world.out, p.world.size, p.world.seed,
+                               overrides={"verbose_style": p.world.verbose_style}, base_models=p.world.base_models)
         gap = read_json(Path(p.world.out) / "metrics" / "prior_gap.json")
         metrics = _numeric(gap, "prior_gap") | _numeric(manifest, "world")
         run.metrics(metrics)

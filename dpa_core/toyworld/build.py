@@ -28,7 +28,7 @@ from .clip import encode_texts, make_clip, make_processor, pixel_values, retriev
 from .corpus import llm_corpus
 from .datasets import WorldData, image_name, make_world_data, rng_for, write_world_data
 from .draw import render
-from .llm import make_llm, pretrain, save_llm, token_stream
+from .llm import answer_loss_mask, make_llm, pretrain, save_llm, token_stream
 from .prior_gap import prior_gap
 from .sizes import WorldSize, resolve_size
 from .tokenizer import train_tokenizer
@@ -55,7 +55,7 @@ def _bytes_on_disk(root: Path) -> dict[str, int]:
     return {"total": sum(sizes.values()), "allocated": allocated, "by_dir": sizes}
 
 
-DATA_ONLY_FIELDS = frozenset({"min_instruct_turns", "max_instruct_turns", "ppl_texts"})
+DATA_ONLY_FIELDS = frozenset({"min_instruct_turns", "max_instruct_turns", "ppl_texts", "verbose_style"})
 BASE_MANIFEST = "manifest.json"
 
 
@@ -144,12 +144,16 @@ def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData) -> dict
 
     with torch.random.fork_rng():
         corpus = llm_corpus(ws, rng_for(seed, "llm-corpus"), data.people, {s.key() for s in data.bench})
-        tok = train_tokenizer(_tokenizer_texts(corpus, data), ws.vocab_size, ws.llm_max_positions)
+        # The tokenizer sees the full verbose register whatever the style dial, so that the base
+        # models (and the vocabulary) do not depend on a data-only setting.
+        full_style = data if ws.verbose_style == 1.0 else make_world_data(dataclasses.replace(ws, verbose_style=1.0), seed)
+        tok = train_tokenizer(_tokenizer_texts(corpus, full_style), ws.vocab_size, ws.llm_max_positions)
         lap("tokenizer")
 
         torch.manual_seed(seed)
         llm = make_llm(ws, tok)
-        llm_stats = pretrain(llm, *token_stream(tok, corpus), ws, seed)
+        stream, doc_starts = token_stream(tok, corpus)
+        llm_stats = pretrain(llm, stream, doc_starts, answer_loss_mask(tok, stream), ws, seed)
         save_llm(llm, tok, root / "llm")
         lap("llm")
 
@@ -157,9 +161,14 @@ def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData) -> dict
         processor = make_processor(ws.image_size)
         clip = make_clip(ws, tok)
         # The PNGs the world writes are lossless, so rendering here gives the same pixels.
-        train_ids, train_mask = encode_texts(tok, [language.clip_text(s) for s in data.train], ws.clip_text_max_len)
+        negative_rng = rng_for(seed, "clip-negatives")
+        negatives = [language.shape_swapped(s, negative_rng) for s in data.train]
+        # Positives and hard negatives encoded together: one width, as they share a batch.
+        ids, mask = encode_texts(tok, [language.clip_text(s) for s in [*data.train, *negatives]], ws.clip_text_max_len)
+        n = len(data.train)
+        train_ids, train_mask, negative_ids, negative_mask = ids[:n], mask[:n], ids[n:], mask[n:]
         train_pixels = pixel_values(processor, [render(s, ws.image_size) for s in data.train])
-        clip_stats = train_clip(clip, train_pixels, train_ids, train_mask, ws, seed)
+        clip_stats = train_clip(clip, train_pixels, train_ids, train_mask, ws, seed, negative_ids, negative_mask)
         clip.save_pretrained(root / "clip")
         processor.save_pretrained(root / "clip")
         lap("clip")

@@ -51,15 +51,18 @@ def make_world_data(ws: WorldSize, seed: int) -> WorldData:
     train = sample_scenes(rng_for(seed, "train-scenes"), ws.n_train_images, ws.max_objects, jitter, exclude=bench_keys)
     reserved = set(CONTENT_WORDS) | {w.strip(",.!").lower() for t in _all_style_text() for w in t.split()}
     people = make_people(rng_for(seed, "people"), ws.n_entities, reserved)
+    def verbose(scene: Scene, rng: random.Random) -> str:
+        return language.verbose(scene, rng, style=ws.verbose_style)
+
     captions = {
         "terse": caption_records(train, "terse", language.terse, rng_for(seed, "terse")),
-        "verbose": caption_records(train, "verbose", language.verbose, rng_for(seed, "verbose")),
+        "verbose": caption_records(train, "verbose", verbose, rng_for(seed, "verbose")),
     }
     instruct = instruct_records(train, ws, rng_for(seed, "instruct"))
     bench_rows = benchmark_rows(bench, rng_for(seed, "bench-questions"))
     facts = text_bench(people, rng_for(seed, "facts"))
     heldout = {style: caption_records(bench, style, fn, rng_for(seed, f"heldout-{style}"), split="bench")
-               for style, fn in (("terse", language.terse), ("verbose", language.verbose))}
+               for style, fn in (("terse", language.terse), ("verbose", verbose))}
     return WorldData(train, bench, people, captions, instruct, bench_rows, facts, heldout)
 
 

@@ -14,9 +14,10 @@ styles, so a connector aligned on any of them points at the same words in instru
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
-from .scenes import NUMBER_WORDS, Obj, Scene, both_relations
+from .scenes import NUMBER_WORDS, SHAPES, Obj, Scene, both_relations
 
 
 def _a(word: str) -> str:
@@ -131,3 +132,12 @@ def verbose(scene: Scene, rng: random.Random, style: float = 1.0) -> str:
 def clip_text(scene: Scene) -> str:
     """The compact text the vision tower is trained against: every visual attribute, few tokens."""
     return ", ".join(f"{o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects)
+
+
+def shape_swapped(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with one object's shape replaced by another: a near-miss text for the vision
+    tower's contrastive training (everything else, and the layout, unchanged)."""
+    objs = list(scene.objects)
+    k = rng.randrange(len(objs))
+    objs[k] = dataclasses.replace(objs[k], shape=rng.choice([s for s in SHAPES if s != objs[k].shape]))
+    return Scene(tuple(objs))
