@@ -38,6 +38,7 @@ class Layout:
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
     def compare(self) -> Path: return self.root / "compare"
+    def curves(self) -> Path: return self.root / "plots"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
         """DVC metrics file of a stage (outside its output dir: DVC outputs must not overlap)."""
@@ -86,16 +87,29 @@ class _NullRun(StageRun):
     def tag(self, *a, **k): pass
 
 
+def _parent(p: Params, stage: str, arm: str | None, seed: int | None) -> tuple[str, dict[str, str], dict]:
+    """Name, tags and params of the parent run a stage is nested under: `ARM-seedN` for an arm,
+    one `shared` run for the stages every arm shares (world, mix, proxy-seedN, diagnose-seedN),
+    and `study` for the comparison (its table and chart are that run's artifacts)."""
+    if arm is None:
+        kind = "study" if stage == "compare" else "shared"
+        return kind, {"dpa.profile": p.profile, "dpa.arm": kind}, {"profile": p.profile}
+    tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+    params = {"arm": arm, "seed": seed, "profile": p.profile}
+    if arm in p.arms:
+        params |= {"proxy": str(p.arms[arm].proxy).lower(), "loss": p.arms[arm].loss}
+    return f"{arm}-seed{seed}", tags, params
+
+
 @contextmanager
 def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: dict) -> Iterator[StageRun]:
-    """A nested MLflow run for this stage under its arm's parent run (no-op on non-main processes)."""
+    """A nested MLflow run for this stage under its parent run (no-op on non-main processes)."""
     tracker = _tracker(p)
     if tracker is None:
         yield _NullRun()
         return
     tags = _run_tags(p, arm, seed)
-    parent = tracker.parent_run(f"{arm}-seed{seed}" if arm else "shared",
-                                {k: v for k, v in tags.items() if not k.startswith("prefect.")})
+    parent = tracker.parent_run(*_parent(p, stage, arm, seed))
     name = stage if seed is None or arm else f"{stage}-seed{seed}"
     with tracker.stage_run(parent, name, {**tags, "dpa.stage": stage}) as run:
         run.params(params)
@@ -256,17 +270,32 @@ def _benchmarks(p: Params) -> list[dict]:
     return [{k: v for k, v in asdict(b).items() if v is not None} for b in p.evaluate.benchmarks]
 
 
+def evaluation_settings(p: Params) -> dict:
+    """evaluate_all's settings from params.yaml (the evaluate stage and `dpa eval` share them)."""
+    return dict(batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens,
+                limit=p.evaluate.limit, lmu_data=p.evaluate.lmu_data)
+
+
 def _evaluate_dir(p: Params, model_dir: Path, out: Path, run: StageRun) -> dict:
     from dpa_core.evaluation import evaluate_all
 
-    scores = evaluate_all(model_dir, _benchmarks(p), out, batch_size=p.evaluate.batch_size,
-                          max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit,
-                          lmu_data=p.evaluate.lmu_data)
-    run.metrics(scores, on_parent=True)
+    scores = evaluate_all(model_dir, _benchmarks(p), out, **evaluation_settings(p))
+    run.metrics(scores)
+    run.metrics(headline_scores(scores), on_parent=True)  # the parent's columns: one score per benchmark
     for f in ("scores.json",):
         if (out / f).exists():
             run.artifact(out / f)
     return scores
+
+
+def headline_scores(scores: dict) -> dict[str, float]:
+    """One score per benchmark (its overall accuracy) and their mean, `average`, as in the comparison."""
+    from .compare import AVERAGE, headline_keys
+
+    numeric = {k: float(v) for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
+    heads = headline_keys(numeric)
+    return {AVERAGE: sum(numeric[k] for k in heads) / len(heads), **{k: numeric[k] for k in heads}} if heads else {}
 
 
 def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
@@ -312,11 +341,55 @@ def compare(p: Params) -> StageOutput:
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
         result = build_comparison(p, layout(p), out)
         run.metrics(result["metrics"])
+        # The study run's columns: the difference of the headline scores (the rest is in its table).
+        heads = headline_scores({k.split("/", 1)[1]: v for k, v in result["metrics"].items()
+                                 if k.startswith("dpa_minus_vanilla/")})
+        run.metrics({f"dpa_minus_vanilla/{k}": v for k, v in heads.items()}, on_parent=True)
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
-            run.artifact(out / f)
+            run.artifact(out / f, on_parent=True)  # on the study-level run
+        if run.tracker is not None and run.tracker.active:
+            arm_scores = {k.split("/", 1)[1] for k in result["metrics"] if not k.startswith("dpa_minus_vanilla/")}
+            columns = list(headline_scores(dict.fromkeys(arm_scores, 0.0)))
+            columns += [f"dpa_minus_vanilla/{k}" for k in heads][:1]  # the study row's answer
+            run.tracker.save_runs_view(columns)
+            print(f"[dpa] MLflow: {run.tracker.runs_view_url()} (after `mlflow ui`, see README)", flush=True)
         return StageOutput("compare", out, result["metrics"])
+
+
+def curve_records(history: list[dict], run: str, **fields) -> list[dict]:
+    """The per-step records of a training history, flat for a DVC plot: step, loss, learning_rate
+    and the mean token weight of the loss (CMO/CAL statistics; plain CE weighs every token 1)."""
+    rows = []
+    for rec in history:
+        if "loss" not in rec or "step" not in rec:
+            continue  # the Trainer's end-of-training summary
+        weight = next((v for k, v in rec.items() if k.endswith("/weight_mean")), 1.0)
+        rows.append({"run": run, **fields, "step": rec["step"], "loss": rec["loss"],
+                     "learning_rate": rec.get("learning_rate"), "weight_mean": weight})
+    return rows
+
+
+def curves(p: Params) -> StageOutput:
+    """Loss, learning rate and token-weight curves of every training stage, one file per stage with
+    every arm and seed in it (a `run` field per record): dvc.yaml's plots overlay the arms."""
+    from dpa_core.io import atomic_dir
+
+    lay, out = layout(p), layout(p).curves()
+    per_stage: dict[str, list[dict]] = {"proxy": [], "align": [], "finetune": []}
+    for seed in p.study.seeds:
+        per_stage["proxy"] += curve_records(read_json(_require(lay.proxy(seed) / "history.json", "proxy")),
+                                            f"proxy-seed{seed}", arm="proxy", seed=seed)
+        for arm in p.study.arms:
+            for stage in ("align", "finetune"):
+                d = lay.align(arm, seed) if stage == "align" else lay.finetune(arm, seed)
+                per_stage[stage] += curve_records(read_json(_require(d / "history.json", stage)),
+                                                  f"{arm}-seed{seed}", arm=arm, seed=seed)
+    with atomic_dir(out) as tmp:
+        for stage, rows in per_stage.items():
+            write_json_atomic(tmp / f"{stage}.json", rows)
+    return StageOutput("curves", out, {stage: len(rows) for stage, rows in per_stage.items()})
 
 
 def _numeric(d: dict, prefix: str) -> dict:
@@ -327,5 +400,5 @@ def _numeric(d: dict, prefix: str) -> dict:
 
 STAGES = {
     "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "finetune": finetune,
-    "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
+    "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare, "curves": curves,
 }
