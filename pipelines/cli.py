@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from dpa_core.errors import DPAInputError
@@ -212,8 +213,33 @@ def run_eval(args) -> int:
     return 0
 
 
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",       # "Loading weights" / "Writing model shards" bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # "Generating test split" (lm-eval's data)
+    "TRANSFORMERS_VERBOSITY": "error",         # load reports of the unused CLIP text tower, advisories
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "MLFLOW_CONFIGURE_LOGGING": "false",       # MLflow's INFO lines (database setup) go to WARNING
+}
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to what a user reads: stage headers, one progress bar per training or
+    evaluation, warnings and errors. The libraries' INFO logs and loading bars are off (the
+    records are in MLflow and the outputs); DPA_VERBOSE=1 keeps everything. Set in the
+    environment, so `accelerate launch` and container children inherit it."""
+    if os.environ.get("DPA_VERBOSE", "") not in ("", "0"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("dpa", "dpa_core", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="dpa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stage", help="run one pipeline stage")
@@ -262,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             from .stages import layout
 
             print((layout(p).compare() / "comparison.md").read_text())
+            from .tracking import existing_runs_view_url, tracking_uri
+
+            uri = tracking_uri(p.tracking.uri)
+            if url := existing_runs_view_url(uri, p.tracking.experiment):
+                serve = "" if uri.startswith("http") else \
+                    f"  .venv/bin/mlflow ui --backend-store-uri {p.tracking.uri} --host 127.0.0.1 --port 5000\n"
+                print(f"MLflow (runs, params, loss curves, the comparison as artifacts of the `study` run):\n"
+                      f"{serve}  {url}")
             return 0
         if args.cmd == "chat":
             return run_chat(args)

@@ -15,6 +15,7 @@ log-likelihoods and verdicts).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -147,7 +148,15 @@ def evaluate_lmeval(
         manager = TaskManager(include_path=include_dir, include_defaults=not local)
         _load_or_skip(manager, task_id, name, local)
         model, tokenizer = language_model or load_causal_lm(model_dir, device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        # HFLM warns that device/dtype arguments are ignored for a model instance: placing the
+        # model is done above, on purpose, so that one warning is dropped (errors still show).
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        finally:
+            hf_log.setLevel(level)
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
             model=lm, tasks=[task_id], task_manager=manager, num_fewshot=num_fewshot, batch_size=batch_size,
