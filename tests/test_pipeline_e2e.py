@@ -188,7 +188,8 @@ def test_mlflow_ui_opens_on_the_comparison(study, tmp_path):
     grid.feed(dom)
     by_name = {}
     for cells in grid.rows.values():
-        name = cells.get("attributes.`Run Name`", "").strip()
+        # the cell shows the run's colour swatch (its hex code as hidden text) before the name
+        name = re.sub(r"^#[0-9a-fA-F]{6}", "", cells.get("attributes.`Run Name`", "").strip())
         if name:
             by_name[name] = cells
     assert {"dpa-seed0", "vanilla-seed0"} <= set(by_name), f"runs table rows: {sorted(by_name)}"
