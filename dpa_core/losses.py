@@ -43,6 +43,10 @@ class LossConfig:
     window: int = 3
     smoothing: Smoothing = "flat"
     image_free: Literal["reference", "efficient"] = "efficient"  # how the image-free pass is run
+    # The image-free prediction at image positions (the last one predicts the token after the image):
+    # last_text = from the last text token before the image; image_position = the position's own
+    # output in the masked pass (upstream). See image_free.py.
+    image_boundary: Literal["last_text", "image_position"] = "last_text"
     chunk_tokens: int = 1024  # tokens per chunk when scoring labels against the full vocabulary
 
     @property

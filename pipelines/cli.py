@@ -27,7 +27,7 @@ from dpa_core.errors import DPAInputError
 
 from .params import load_params, parse_override
 
-NEEDS_ARM = ("align", "finetune", "merge", "evaluate")
+NEEDS_ARM = ("align", "reliance", "finetune", "merge", "evaluate")
 NEEDS_SEED = ("proxy", "diagnose", *NEEDS_ARM)
 
 

@@ -7,8 +7,9 @@ One function per stage, the same for DVC (`dpa stage NAME`) and for Prefect task
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +38,8 @@ class Layout:
     def merged(self, arm: str, seed: int) -> Path: return self.root / "merged" / f"{arm}-seed{seed}"
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
+    def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
+    def reliance(self, arm: str, seed: int) -> Path: return self.root / "reliance" / f"{arm}-seed{seed}"
     def compare(self) -> Path: return self.root / "compare"
     def curves(self) -> Path: return self.root / "plots"
 
@@ -128,7 +131,8 @@ def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
         kind = "vanilla"
     l = p.loss
     return LossConfig(kind, delta_min=l.delta_min, delta_max=l.delta_max, cal_min=l.cal_min, cal_max=l.cal_max,
-                      window=l.window, smoothing=l.smoothing, image_free=l.image_free)
+                      window=l.window, smoothing=l.smoothing, image_free=l.image_free,
+                      image_boundary=l.image_boundary)
 
 
 def model_paths(p: Params):
@@ -186,7 +190,7 @@ def proxy(p: Params, seed: int) -> StageOutput:
     with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
         res = proxy_pretrain(Path(p.model.llm), corpus, out, lora=LoraSettings(**asdict(p.proxy.lora)),
                              settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
-                             callbacks=[MlflowStepLogger(run)])
+                             sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("proxy", None, seed), res.metrics)
@@ -229,11 +233,41 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
                           loss=lc, settings=train_settings(p.align, seed),
                           proxy_adapter=_require(layout(p).proxy(seed), "proxy") if use_proxy else None,
-                          max_length=p.align.max_length, callbacks=[MlflowStepLogger(run)])
+                          max_length=p.align.max_length, image_aspect_ratio=p.align.image_aspect_ratio,
+                          sequence_end=p.align.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
         return StageOutput("align", out, res.metrics)
+
+
+def reliance(p: Params, arm: str, seed: int) -> StageOutput:
+    """Image reliance of the aligned connector, with the LLM it was aligned against, on held-out captions."""
+    from dpa_core.io import atomic_dir
+    from dpa_core.reliance import CaptionSet, connector_reliance, flat_reliance
+
+    out = layout(p).reliance(arm, seed)
+    connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
+    r = p.reliance
+    sets = [CaptionSet(c.name, Path(c.path), Path(c.image_root)) for c in r.captions]
+    adapter = _require(layout(p).proxy(seed), "proxy") if p.arm(arm).proxy else None
+    with tracked(p, "reliance", arm, seed, {"reliance": asdict(r), "proxy": adapter is not None}) as run:
+        if sets:
+            result = connector_reliance(model_paths(p), connector, sets, proxy_adapter=adapter,
+                                        content_words_file=Path(r.content_words) if r.content_words else None,
+                                        batch_size=r.batch_size, max_length=r.max_length, limit=r.limit)
+        else:
+            print("[dpa] reliance: no held-out captions configured (reliance.captions); nothing measured.", flush=True)
+            result = {}
+        metrics = flat_reliance(result)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "scores.json", metrics)
+            write_json_atomic(tmp / "reliance.json", {"arm": arm, "seed": seed, "proxy": adapter is not None,
+                                                      "content_words": r.content_words, "sets": result})
+        write_json_atomic(layout(p).metrics("reliance", arm, seed), metrics)
+        run.metrics(metrics, on_parent=True)
+        run.artifact(out / "reliance.json")
+        return StageOutput("reliance", out, metrics)
 
 
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
@@ -244,9 +278,12 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
     lc = loss_config(p, arm, "finetune")
     with tracked(p, "finetune", arm, seed, {"finetune": asdict(p.finetune), "loss": asdict(lc)}) as run:
-        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=train_settings(p.finetune, seed),
+        settings = replace(train_settings(p.finetune, seed), connector_learning_rate=p.finetune.connector_learning_rate)
+        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=settings,
                              tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
-                             max_length=p.finetune.max_length, callbacks=[MlflowStepLogger(run)])
+                             max_length=p.finetune.max_length, image_aspect_ratio=p.finetune.image_aspect_ratio,
+                             image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         if p.finetune.tune == "lora":
             run.artifact(out / "adapter", "adapter")
@@ -308,10 +345,13 @@ def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
 
 
 def evaluate_reference(p: Params) -> StageOutput:
-    """The base models before any training (connector freshly initialised, seed 0) as a reference row."""
+    """The base models before any training (connector freshly initialised, seed 0) as a reference row,
+    and the text-oracle ceiling (the base LLM alone, told each scene in words) where a benchmark has
+    scene text."""
     import shutil
     import torch
 
+    from dpa_core.evaluation.evaluate_all import evaluate_text_oracles, text_oracle_specs
     from dpa_core.io import atomic_dir
     from dpa_core.modeling import build_llava, save_llava
 
@@ -320,18 +360,26 @@ def evaluate_reference(p: Params) -> StageOutput:
         with atomic_dir(out) as tmp:
             write_json_atomic(tmp / "scores.json", {"enabled": 0})
         return StageOutput("evaluate_reference", out, {})
+    paths = model_paths(p)
     with tracked(p, "evaluate", "reference", 0, {"evaluate": asdict(p.evaluate)}) as run:
         torch.manual_seed(0)
-        paths = model_paths(p)
         model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
                                        add_image_token=paths.add_image_token)
         model_dir = out.with_name(out.name + ".model")
         save_llava(model, processor, model_dir)
+        del model
         try:
             scores = _evaluate_dir(p, model_dir, out, run)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
-        return StageOutput("evaluate_reference", out, scores)
+    if text_oracle_specs(_benchmarks(p)):  # a benchmark TSV with a scene_text column
+        with tracked(p, "evaluate", "ceiling", 0, {"evaluate": asdict(p.evaluate), "text_oracle": True}) as run:
+            ceiling = evaluate_text_oracles(paths.llm, _benchmarks(p), layout(p).eval_ceiling(),
+                                            batch_size=p.evaluate.batch_size,
+                                            max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit)
+            run.metrics(ceiling, on_parent=True)
+            run.artifact(layout(p).eval_ceiling() / "scores.json")
+    return StageOutput("evaluate_reference", out, scores)
 
 
 def compare(p: Params) -> StageOutput:
@@ -339,23 +387,37 @@ def compare(p: Params) -> StageOutput:
 
     out = layout(p).compare()
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
-        result = build_comparison(p, layout(p), out)
+        result = build_comparison(p, layout(p), out, log_parent=_parent_logger(p))
         run.metrics(result["metrics"])
-        # The study run's columns: the difference of the headline scores (the rest is in its table).
-        heads = headline_scores({k.split("/", 1)[1]: v for k, v in result["metrics"].items()
-                                 if k.startswith("dpa_minus_vanilla/")})
-        run.metrics({f"dpa_minus_vanilla/{k}": v for k, v in heads.items()}, on_parent=True)
+        # The study run's columns: each arm's average minus Vanilla's, with its 95% CI (the rest is
+        # in its table and in the nested compare run).
+        diffs = [k for k in result["metrics"] if re.fullmatch(r"[^/]+_minus_[^/]+/average", k)]
+        run.metrics({k + tail: result["metrics"][k + tail] for k in diffs for tail in ("", "/ci_low", "/ci_high")
+                     if k + tail in result["metrics"]}, on_parent=True)
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
             run.artifact(out / f, on_parent=True)  # on the study-level run
         if run.tracker is not None and run.tracker.active:
-            arm_scores = {k.split("/", 1)[1] for k in result["metrics"] if not k.startswith("dpa_minus_vanilla/")}
-            columns = list(headline_scores(dict.fromkeys(arm_scores, 0.0)))
-            columns += [f"dpa_minus_vanilla/{k}" for k in heads][:1]  # the study row's answer
-            run.tracker.save_runs_view(columns)
+            arm_keys = {k.split("/", 1)[1] for k in result["metrics"] if k.split("/", 1)[0] in p.study.arms}
+            run.tracker.save_runs_view([*headline_scores(dict.fromkeys(arm_keys, 0.0)), *diffs])
             print(f"[dpa] MLflow: {run.tracker.runs_view_url()} (after `mlflow ui`, see README)", flush=True)
         return StageOutput("compare", out, result["metrics"])
+
+
+def _parent_logger(p: Params):
+    """Logs metrics straight onto an arm's parent run (the compare figures, beside its scores)."""
+    tracker = _tracker(p)
+    if tracker is None:
+        return None
+
+    def log(arm: str, seed: int, metrics: dict) -> None:
+        tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+        StageRun(tracker, tracker.parent_run(f"{arm}-seed{seed}", tags), None).metrics(metrics)
+        tracker.report()
+        tracker.failures.clear()
+
+    return log
 
 
 def curve_records(history: list[dict], run: str, **fields) -> list[dict]:
@@ -399,6 +461,8 @@ def _numeric(d: dict, prefix: str) -> dict:
 
 
 STAGES = {
-    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "finetune": finetune,
-    "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare, "curves": curves,
+    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
+    "finetune": finetune,
+    "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
+    "curves": curves,
 }

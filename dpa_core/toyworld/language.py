@@ -96,22 +96,36 @@ CLOSERS = (
 )
 
 
-def verbose(scene: Scene, rng: random.Random) -> str:
+def verbose(scene: Scene, rng: random.Random, style: float = 1.0) -> str:
     """Florid prose carrying every fact of the own style, e.g. "Behold, dear viewer, a most wondrous
     tableau! Verily, no fewer than two shapes doth grace this humble canvas. Indeed, at the top left
-    there dwelleth, in quiet majesty, a truly large red circle, a marvel to behold! ..." """
+    there dwelleth, in quiet majesty, a truly large red circle, a marvel to behold! ..."
+
+    style (0..1) is the register-conflict dial: each optional style element (opener, interjection,
+    embellishment, intensifier, flourish, closer, florid verb) is kept with this probability, else
+    said plainly. 1 is the full register; 0 leaves plain sentences with the same facts. Every
+    random draw is made whatever the dial, so the content and the rest of the data do not move."""
     pick = rng.choice
-    parts = [pick(OPENERS)]
-    parts.append(f"{pick(INTERJECTIONS)}, no fewer than {_count_phrase(scene.count)} doth grace this {pick(CANVASES)}.")
+
+    def keep(text: str, plain: str = "") -> str:
+        return text if rng.random() < style else plain
+
+    parts = [keep(pick(OPENERS))]
+    parts.append(keep(f"{pick(INTERJECTIONS)}, ") + f"no fewer than {_count_phrase(scene.count)} "
+                 + keep(f"doth grace this {pick(CANVASES)}.", "are shown."))
     for o in scene.objects:
+        interjection, verb, embellishment = pick(INTERJECTIONS), pick(VERBS), pick(EMBELLISHMENTS)
+        intensifier, flourish = pick(INTENSIFIERS), pick(FLOURISHES)
         parts.append(
-            f"{pick(INTERJECTIONS)}, at the {o.position} {pick(VERBS)}, {pick(EMBELLISHMENTS)}, "
-            f"{_a(pick(INTENSIFIERS))} {o.size} {o.color} {o.shape}{pick(FLOURISHES)}!"
+            keep(f"{interjection}, ") + f"at the {o.position} " + keep(verb, "there is") + keep(f", {embellishment},", "")
+            + " " + keep(f"{_a(intensifier)} {o.size}", _a(o.size)) + f" {o.color} {o.shape}" + keep(flourish) + keep("!", ".")
         )
     for a, b in _relation_pairs(scene):
-        parts.append(f"And mark well, dear viewer, that the {a.shape} doth stand {both_relations(a, b)} the {b.shape}{pick(FLOURISHES)}.")
-    parts.append(pick(CLOSERS))
-    return " ".join(parts)
+        flourish = pick(FLOURISHES)
+        parts.append(keep("And mark well, dear viewer, that ") + f"the {a.shape} " + keep("doth stand", "is")
+                     + f" {both_relations(a, b)} the {b.shape}" + keep(flourish) + ".")
+    parts.append(keep(pick(CLOSERS)))
+    return " ".join(p for p in parts if p)
 
 
 def clip_text(scene: Scene) -> str:
