@@ -103,7 +103,9 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
         assert children and parent.info.status == "FINISHED"
         assert parent.info.start_time <= min(c.info.start_time for c in children)
         assert parent.info.end_time >= max(c.info.end_time for c in children)
-        assert parent.info.end_time - parent.info.start_time >= 1000
+        # stages run one after another: the parent lasts at least as long as they do together
+        assert parent.info.end_time - parent.info.start_time >= sum(c.info.end_time - c.info.start_time
+                                                                    for c in children)
     shared = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents["shared"].info.run_id}
     assert {"world", "mix", "proxy-seed0", "diagnose-seed0"} <= shared
     for arm in ARMS:
