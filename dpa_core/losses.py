@@ -1,6 +1,6 @@
 """Token-weighted cross-entropy: vanilla, CMO (DPA) and CAL.
 
-All three share one shape (see ../shared/method.md):
+All three share one shape (see docs/method.md):
     loss = sum_j w_j * CE_j / (sum_{j target} w_j + 1e-6)
 with w_j = 1 for vanilla (a plain mean), and for CMO/CAL a detached weight scored from two passes
 over the same sequence, with and without the image:

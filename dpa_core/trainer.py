@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -213,6 +213,39 @@ class DPATrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class StageProgress(TrainerCallback):
+    """One progress bar per training run with the latest loss (and learning rate) in its postfix.
+
+    Replaces the Trainer's ProgressCallback, which also prints every logged dict under the bar:
+    those records go to the stage's history.json and to MLflow, not to the terminal."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            post = {"loss": f"{logs['loss']:.4f}"}
+            if "learning_rate" in logs:
+                post["lr"] = f"{logs['learning_rate']:.1e}"
+            self.bar.set_postfix(post, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class LossHistory(TrainerCallback):
     """Keeps the logged per-step records, for the stage's metrics file."""
 
@@ -257,6 +290,8 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
         connector_learning_rate=settings.connector_learning_rate,
         callbacks=[history, *callbacks],
     )
+    trainer.remove_callback(ProgressCallback)  # prints every log dict; StageProgress does not
+    trainer.add_callback(StageProgress(f"{work_dir.parent.name}/{work_dir.name.removesuffix('.work')}"))
     result = trainer.train(resume_from_checkpoint=resume)
     return {"history": history.records, "train": dict(result.metrics), "resumed_from": resume,
             "world_size": trainer.args.world_size, "is_main_process": trainer.is_world_process_zero()}

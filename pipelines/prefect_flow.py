@@ -280,7 +280,7 @@ def expected_stages(p: Params) -> list[str]:
     for family in ("align", "reliance", "finetune", "merge", "evaluate"):
         out += [f"{family}_proxy@{a}-{x}" for a in s.proxy_arms for x in s.seeds]
         out += [f"{family}@{a}-{x}" for a in s.plain_arms for x in s.seeds]
-    return out + ["evaluate_reference", "compare"]
+    return out + ["evaluate_reference", "compare", "curves"]
 
 
 def stage_family(stage: str) -> str:

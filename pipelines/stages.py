@@ -7,6 +7,7 @@ One function per stage, the same for DVC (`dpa stage NAME`) and for Prefect task
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ class Layout:
     def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
     def reliance(self, arm: str, seed: int) -> Path: return self.root / "reliance" / f"{arm}-seed{seed}"
     def compare(self) -> Path: return self.root / "compare"
+    def curves(self) -> Path: return self.root / "plots"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
         """DVC metrics file of a stage (outside its output dir: DVC outputs must not overlap)."""
@@ -88,16 +90,29 @@ class _NullRun(StageRun):
     def tag(self, *a, **k): pass
 
 
+def _parent(p: Params, stage: str, arm: str | None, seed: int | None) -> tuple[str, dict[str, str], dict]:
+    """Name, tags and params of the parent run a stage is nested under: `ARM-seedN` for an arm,
+    one `shared` run for the stages every arm shares (world, mix, proxy-seedN, diagnose-seedN),
+    and `study` for the comparison (its table and chart are that run's artifacts)."""
+    if arm is None:
+        kind = "study" if stage == "compare" else "shared"
+        return kind, {"dpa.profile": p.profile, "dpa.arm": kind}, {"profile": p.profile}
+    tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+    params = {"arm": arm, "seed": seed, "profile": p.profile}
+    if arm in p.arms:
+        params |= {"proxy": str(p.arms[arm].proxy).lower(), "loss": p.arms[arm].loss}
+    return f"{arm}-seed{seed}", tags, params
+
+
 @contextmanager
 def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: dict) -> Iterator[StageRun]:
-    """A nested MLflow run for this stage under its arm's parent run (no-op on non-main processes)."""
+    """A nested MLflow run for this stage under its parent run (no-op on non-main processes)."""
     tracker = _tracker(p)
     if tracker is None:
         yield _NullRun()
         return
     tags = _run_tags(p, arm, seed)
-    parent = tracker.parent_run(f"{arm}-seed{seed}" if arm else "shared",
-                                {k: v for k, v in tags.items() if not k.startswith("prefect.")})
+    parent = tracker.parent_run(*_parent(p, stage, arm, seed))
     name = stage if seed is None or arm else f"{stage}-seed{seed}"
     with tracker.stage_run(parent, name, {**tags, "dpa.stage": stage}) as run:
         run.params(params)
@@ -293,17 +308,32 @@ def _benchmarks(p: Params) -> list[dict]:
     return [{k: v for k, v in asdict(b).items() if v is not None} for b in p.evaluate.benchmarks]
 
 
+def evaluation_settings(p: Params) -> dict:
+    """evaluate_all's settings from params.yaml (the evaluate stage and `dpa eval` share them)."""
+    return dict(batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens,
+                limit=p.evaluate.limit, lmu_data=p.evaluate.lmu_data)
+
+
 def _evaluate_dir(p: Params, model_dir: Path, out: Path, run: StageRun) -> dict:
     from dpa_core.evaluation import evaluate_all
 
-    scores = evaluate_all(model_dir, _benchmarks(p), out, batch_size=p.evaluate.batch_size,
-                          max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit,
-                          lmu_data=p.evaluate.lmu_data)
-    run.metrics(scores, on_parent=True)
+    scores = evaluate_all(model_dir, _benchmarks(p), out, **evaluation_settings(p))
+    run.metrics(scores)
+    run.metrics(headline_scores(scores), on_parent=True)  # the parent's columns: one score per benchmark
     for f in ("scores.json",):
         if (out / f).exists():
             run.artifact(out / f)
     return scores
+
+
+def headline_scores(scores: dict) -> dict[str, float]:
+    """One score per benchmark (its overall accuracy) and their mean, `average`, as in the comparison."""
+    from .compare import AVERAGE, headline_keys
+
+    numeric = {k: float(v) for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
+    heads = headline_keys(numeric)
+    return {AVERAGE: sum(numeric[k] for k in heads) / len(heads), **{k: numeric[k] for k in heads}} if heads else {}
 
 
 def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
@@ -360,10 +390,19 @@ def compare(p: Params) -> StageOutput:
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
         result = build_comparison(p, layout(p), out, log_parent=_parent_logger(p))
         run.metrics(result["metrics"])
+        # The study run's columns: each arm's average minus Vanilla's, with its 95% CI (the rest is
+        # in its table and in the nested compare run).
+        diffs = [k for k in result["metrics"] if re.fullmatch(r"[^/]+_minus_[^/]+/average", k)]
+        run.metrics({k + tail: result["metrics"][k + tail] for k in diffs for tail in ("", "/ci_low", "/ci_high")
+                     if k + tail in result["metrics"]}, on_parent=True)
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
-            run.artifact(out / f)
+            run.artifact(out / f, on_parent=True)  # on the study-level run
+        if run.tracker is not None and run.tracker.active:
+            arm_keys = {k.split("/", 1)[1] for k in result["metrics"] if k.split("/", 1)[0] in p.study.arms}
+            run.tracker.save_runs_view([*headline_scores(dict.fromkeys(arm_keys, 0.0)), *diffs])
+            print(f"[dpa] MLflow: {run.tracker.runs_view_url()} (after `mlflow ui`, see README)", flush=True)
         return StageOutput("compare", out, result["metrics"])
 
 
@@ -382,6 +421,40 @@ def _parent_logger(p: Params):
     return log
 
 
+def curve_records(history: list[dict], run: str, **fields) -> list[dict]:
+    """The per-step records of a training history, flat for a DVC plot: step, loss, learning_rate
+    and the mean token weight of the loss (CMO/CAL statistics; plain CE weighs every token 1)."""
+    rows = []
+    for rec in history:
+        if "loss" not in rec or "step" not in rec:
+            continue  # the Trainer's end-of-training summary
+        weight = next((v for k, v in rec.items() if k.endswith("/weight_mean")), 1.0)
+        rows.append({"run": run, **fields, "step": rec["step"], "loss": rec["loss"],
+                     "learning_rate": rec.get("learning_rate"), "weight_mean": weight})
+    return rows
+
+
+def curves(p: Params) -> StageOutput:
+    """Loss, learning rate and token-weight curves of every training stage, one file per stage with
+    every arm and seed in it (a `run` field per record): dvc.yaml's plots overlay the arms."""
+    from dpa_core.io import atomic_dir
+
+    lay, out = layout(p), layout(p).curves()
+    per_stage: dict[str, list[dict]] = {"proxy": [], "align": [], "finetune": []}
+    for seed in p.study.seeds:
+        per_stage["proxy"] += curve_records(read_json(_require(lay.proxy(seed) / "history.json", "proxy")),
+                                            f"proxy-seed{seed}", arm="proxy", seed=seed)
+        for arm in p.study.arms:
+            for stage in ("align", "finetune"):
+                d = lay.align(arm, seed) if stage == "align" else lay.finetune(arm, seed)
+                per_stage[stage] += curve_records(read_json(_require(d / "history.json", stage)),
+                                                  f"{arm}-seed{seed}", arm=arm, seed=seed)
+    with atomic_dir(out) as tmp:
+        for stage, rows in per_stage.items():
+            write_json_atomic(tmp / f"{stage}.json", rows)
+    return StageOutput("curves", out, {stage: len(rows) for stage, rows in per_stage.items()})
+
+
 def _numeric(d: dict, prefix: str) -> dict:
     from .tracking import _flatten
 
@@ -392,4 +465,5 @@ STAGES = {
     "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
     "finetune": finetune,
     "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
+    "curves": curves,
 }

@@ -7,7 +7,7 @@ out_dir/ (written atomically)
   <name>/          that benchmark's own files (scores.json, summary.json, predictions...)
 
 The image benchmarks (builtin_tsv, vlmeval) share one loaded model; the text benchmarks (lmeval)
-run afterwards on the LLM extracted once, after the Llava model is freed.
+run afterwards on the LLM, built once in memory after the Llava model is freed.
 The same call scores the base models (reference row): pass a Llava directory built from them.
 """
 
@@ -26,7 +26,7 @@ from .benchmark_specs import BenchmarkSpec, parse_specs
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv, has_scene_text
 from .flat_metrics import check_flat, meta_key
 from .llava_generation import LlavaGenerator, TextChatModel, check_llava_dir
-from .lmeval_runner import causal_lm_dir, evaluate_lmeval
+from .lmeval_runner import evaluate_lmeval, load_causal_lm
 from .skips import BenchmarkSkipped
 from .vlmeval_runner import evaluate_vlmeval
 
@@ -112,13 +112,15 @@ def evaluate_all(
         shared.release()
         text_specs = [s for s in specs if s.kind == "lmeval"]
         if text_specs:
-            with causal_lm_dir(model_dir) as lm_dir:
-                for spec in text_specs:
-                    run(spec, lambda s=spec: evaluate_lmeval(
-                        lm_dir, tmp / s.name, name=s.name, path=s.path, task=s.task,
-                        batch_size=s.option("batch_size", batch_size), device=device,
-                        limit=s.option("limit", limit), offline=offline, num_fewshot=s.option("num_fewshot"),
-                        **({"prompt": s.option("prompt")} if s.option("prompt") else {})))
+            language_model = load_causal_lm(model_dir, device)
+            for spec in text_specs:
+                run(spec, lambda s=spec: evaluate_lmeval(
+                    model_dir, tmp / s.name, name=s.name, path=s.path, task=s.task,
+                    batch_size=s.option("batch_size", batch_size), device=device,
+                    limit=s.option("limit", limit), offline=offline, num_fewshot=s.option("num_fewshot"),
+                    language_model=language_model,
+                    **({"prompt": s.option("prompt")} if s.option("prompt") else {})))
+            del language_model
         scores[meta_key("evaluate", "n_skipped")] = sum(r["status"] == "skipped" for r in report)
         write_json_atomic(tmp / "report.json", {"model_dir": str(model_dir.resolve()), "benchmarks": report})
         write_json_atomic(tmp / "scores.json", check_flat(scores))
