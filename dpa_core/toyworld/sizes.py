@@ -87,7 +87,7 @@ SIZES: dict[str, WorldSize] = {
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
         llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=3000, llm_lr=3e-3,
         clip_patch=20, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
-        clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=300, clip_lr=1e-3,
+        clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=400, clip_lr=1e-3,
         ppl_texts=200,
     ),
 }
