@@ -53,7 +53,7 @@ situation exists, can be measured, and is not rigged either way:
    models are trained with seeded torch on CPU (metrics equal within float tolerance).
 """
 
-from .build import build_world
+from .build import build_base_models, build_world
 from .sizes import SIZES, WorldSize, resolve_size
 
-__all__ = ["build_world", "SIZES", "WorldSize", "resolve_size"]
+__all__ = ["build_base_models", "build_world", "SIZES", "WorldSize", "resolve_size"]
