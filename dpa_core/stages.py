@@ -125,8 +125,16 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
-def load_records(sources: Sequence[DataSource], *, require_image: bool = True):
-    return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image)]
+def load_records(sources: Sequence[DataSource], *, require_image: bool = True, image_token: str = "<image>"):
+    return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image,
+                                                           image_token=image_token)]
+
+
+def _preflight(paths: ModelPaths, max_length: int) -> None:
+    from .preflight import preflight
+
+    preflight(paths.vision, paths.llm, paths.image_token, paths.add_image_token,
+              multimodal_lengths={"max_length": max_length})
 
 
 def load_proxy_llm(llm: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32):
@@ -159,7 +167,8 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
           callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Train the connector only; the LLM (proxy if given) and the vision tower stay frozen."""
     out_dir = Path(out_dir)
-    records = load_records(captions)
+    _preflight(paths, max_length)
+    records = load_records(captions, image_token=paths.image_token)
     _seed(settings)
     dtype = _dtype(settings)
     lm = load_proxy_llm(paths.llm, Path(proxy_adapter), dtype) if proxy_adapter else None
@@ -191,7 +200,8 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
     else `model/` (a full Llava checkpoint). The vision tower stays frozen.
     """
     out_dir = Path(out_dir)
-    records = load_records(instructions)
+    _preflight(paths, max_length)
+    records = load_records(instructions, image_token=paths.image_token)
     _seed(settings)
     model, processor = build_llava(paths.vision, paths.llm, connector_path=connector, image_token=paths.image_token,
                                    add_image_token=paths.add_image_token, dtype=_dtype(settings))

@@ -130,6 +130,18 @@ def model_paths(p: Params):
     return ModelPaths(Path(p.model.vision), Path(p.model.llm), p.model.image_token, p.model.add_image_token)
 
 
+def preflight(p: Params):
+    """The model pair and the data code checked against each other and against every stage's
+    max_length (dpa_core.preflight); run first by every training stage and by `dpa validate`."""
+    from dpa_core.preflight import preflight as check
+
+    paths = model_paths(p)
+    return check(paths.vision, paths.llm, paths.image_token, paths.add_image_token,
+                 multimodal_lengths={"align.max_length": p.align.max_length,
+                                     "finetune.max_length": p.finetune.max_length},
+                 text_lengths={"proxy.max_length": p.proxy.max_length})
+
+
 def _require(path: Path, stage: str) -> Path:
     if not path.exists():
         raise DPAInputError(f"input {path} does not exist.", file=path,
@@ -152,9 +164,12 @@ def world(p: Params) -> StageOutput:
 
 
 def mix(p: Params) -> StageOutput:
-    from dpa_core.mixing import MixSource, mix_captions
+    from dpa_core.mixing import MixSource, check_sources, mix_captions
 
     sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
+    # Every data source of the study, instructions too: a bad instruction record stops the study
+    # here, not at finetune after the proxy and both alignments ran.
+    check_sources([(Path(s.path), Path(s.image_root)) for s in p.data.instructions], image_token=p.model.image_token)
     out = layout(p).mix()
     with tracked(p, "mix", None, None, {"mix": asdict(p.mix), "captions": [asdict(c) for c in p.data.captions]}) as run:
         stats = mix_captions(sources, out, total=p.mix.total, seed=p.mix.seed, dedup_records=p.mix.dedup)
@@ -167,6 +182,7 @@ def mix(p: Params) -> StageOutput:
 def proxy(p: Params, seed: int) -> StageOutput:
     from dpa_core.stages import LoraSettings, proxy_pretrain
 
+    preflight(p)
     out = layout(p).proxy(seed)
     corpus = _require(layout(p).mix() / "text_corpus.jsonl", "mix")
     with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
@@ -206,6 +222,7 @@ def diagnose(p: Params, seed: int) -> StageOutput:
 def align(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, align as align_stage
 
+    preflight(p)
     use_proxy = p.arm(arm).proxy
     mix_dir = _require(layout(p).mix(), "mix")
     info = read_json(mix_dir / "mix.json")
@@ -225,6 +242,7 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, LoraSettings, finetune as finetune_stage
 
+    preflight(p)
     out = layout(p).finetune(arm, seed)
     connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
     sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
