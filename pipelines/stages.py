@@ -44,6 +44,11 @@ class Layout:
         name = "-".join([stage] + ([arm] if arm else []) + ([f"seed{seed}"] if seed is not None else []))
         return self.root / "metrics" / f"{name}.json"
 
+    def timings(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
+        """Wall-clock figures of a stage: not a DVC output or metric (they differ on every run, and
+        inside an output they made DVC rerun everything downstream of identical weights)."""
+        return self.root / "timings" / self.metrics(stage, arm, seed).name
+
 
 @dataclass
 class StageOutput:
@@ -142,6 +147,13 @@ def preflight(p: Params):
                  text_lengths={"proxy.max_length": p.proxy.max_length})
 
 
+def _log_timings(p: Params, run: StageRun, timings: dict, stage: str, arm: str | None = None,
+                 seed: int | None = None) -> None:
+    if timings:
+        run.metrics({f"time/{k}": v for k, v in timings.items()})
+        write_json_atomic(layout(p).timings(stage, arm, seed), timings)
+
+
 def _require(path: Path, stage: str) -> Path:
     if not path.exists():
         raise DPAInputError(f"input {path} does not exist.", file=path,
@@ -157,8 +169,10 @@ def world(p: Params) -> StageOutput:
     with tracked(p, "world", None, None, {"world": asdict(p.world)}) as run:
         manifest = build_world(p.world.out, p.world.size, p.world.seed)
         gap = read_json(Path(p.world.out) / "metrics" / "prior_gap.json")
+        timings = manifest.pop("timings_s", {})
         metrics = _numeric(gap, "prior_gap") | _numeric(manifest, "world")
         run.metrics(metrics)
+        _log_timings(p, run, timings, "world")
         write_json_atomic(layout(p).metrics("world"), metrics)
         return StageOutput("world", Path(p.world.out), metrics)
 
@@ -190,6 +204,7 @@ def proxy(p: Params, seed: int) -> StageOutput:
                              settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
                              callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "proxy", None, seed)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("proxy", None, seed), res.metrics)
         return StageOutput("proxy", out, res.metrics)
@@ -234,6 +249,7 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
                           proxy_adapter=_require(layout(p).proxy(seed), "proxy") if use_proxy else None,
                           max_length=p.align.max_length, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "align", arm, seed)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
         return StageOutput("align", out, res.metrics)
@@ -252,6 +268,7 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
                              tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
                              max_length=p.finetune.max_length, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "finetune", arm, seed)
         if p.finetune.tune == "lora":
             run.artifact(out / "adapter", "adapter")
         write_json_atomic(layout(p).metrics("finetune", arm, seed), res.metrics)

@@ -142,5 +142,6 @@ def _build(out_dir: Path, size: str | WorldSize, ws: WorldSize, seed: int) -> di
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
         }
-        write_json_atomic(root / "manifest.json", manifest)
+        # timings_s is returned, not written: the world is a DVC output, same inputs -> same bytes
+        write_json_atomic(root / "manifest.json", {k: v for k, v in manifest.items() if k != "timings_s"})
     return manifest
