@@ -261,3 +261,15 @@ def test_proxy_adapter_bytes_do_not_depend_on_the_hash_seed(data, tmp_path):
     cfg = json.loads((outs[0] / "adapter_config.json").read_text())
     assert cfg["target_modules"] == sorted(cfg["target_modules"])
     assert _hashes(outs[0]) == _hashes(outs[1])
+
+
+def test_world_built_twice_is_byte_identical_manifest_included(tmp_path):
+    """The world manifest held wall-clock timings, so every rebuild changed the `world` output's
+    hash and DVC reran the whole study downstream of identical data and models."""
+    from dpa_core.toyworld import build_world
+
+    fast = {"llm_steps": 2, "clip_steps": 2}
+    built = [build_world(tmp_path / f"w{k}", "smoke", seed=0, overrides=fast) for k in range(2)]
+    assert "timings_s" in built[0]  # still returned to the caller (MLflow, outputs/timings)
+    a, b = _hashes(tmp_path / "w0"), _hashes(tmp_path / "w1")
+    assert "manifest.json" in a and a == b
