@@ -326,8 +326,14 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
     result = trainer.train(resume_from_checkpoint=resume)
     history = _history(trainer.state.log_history)
     metrics = {k: v for k, v in result.metrics.items() if k not in TIMING_KEYS}
-    if _train_loss(history) is not None:
-        metrics["train_loss"] = _train_loss(history)
+    mean_loss = _train_loss(history)
+    if mean_loss is not None:
+        # the Trainer's own figure averages the steps of this process only (after a resume: the
+        # resumed ones); the history's final record and the metrics get the whole run's
+        metrics["train_loss"] = mean_loss
+        for r in history:
+            if "train_loss" in r:
+                r["train_loss"] = mean_loss
     return {"history": history, "train": metrics, "timings": {k: v for k, v in result.metrics.items() if k in TIMING_KEYS},
             "resumed_from": resume, "world_size": trainer.args.world_size,
             "is_main_process": trainer.is_world_process_zero()}

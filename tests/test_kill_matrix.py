@@ -90,6 +90,14 @@ def _run_and_kill(repo: Path, stage: str, kind: str, rng: random.Random, log: Pa
     return f"finished before the {kind} point was seen (rc {proc.returncode})"
 
 
+def _files(repo: Path, stage: str) -> dict[str, str]:
+    import hashlib
+
+    out = repo / STAGES[stage][0]
+    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*"))
+            if f.is_file()}
+
+
 def _weights(repo: Path, stage: str) -> dict[str, torch.Tensor]:
     out, weights = STAGES[stage]
     return load_file(str(repo / out / weights))
@@ -111,6 +119,7 @@ def test_kill_anywhere_then_dvc_repro_gives_the_uninterrupted_result(tmp_path):
     params = repo / "params.yaml"
     _dvc(repo, "repro", "finetune_proxy@dpa-0", log=log)  # the uninterrupted run
     reference = {s: _weights(repo, s) for s in STAGES}
+    reference_files = {s: _files(repo, s) for s in STAGES}
 
     kinds = list(KINDS)
     rng.shuffle(kinds)
@@ -129,6 +138,8 @@ def test_kill_anywhere_then_dvc_repro_gives_the_uninterrupted_result(tmp_path):
             assert "resuming from" in text, text[-2000:]
         assert not any(out_dir.parent.glob(f".{out_dir.name}.tmp-*")), "a stale temporary survived the rerun"
         _assert_equal(_weights(repo, stage), reference[stage], f"{stage} after a kill during {kind}")
+        # every file byte-identical (history.json, metrics.json too): DVC keeps downstream cached
+        assert _files(repo, stage) == reference_files[stage], f"{stage} after a kill during {kind}"
     print("kills:", landed)
     # where a kill lands is a race (an output write of the smoke size takes milliseconds): at least
     # two of the three must land inside the stage for the matrix to count

@@ -309,6 +309,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(kind, world, align_run
     assert [r["loss"] for r in res.history if "loss" in r] == pytest.approx(
         [r["loss"] for r in whole.history if "loss" in r], rel=1e-5)
     assert res.metrics["train/train_loss"] == pytest.approx(whole.metrics["train/train_loss"], rel=1e-5)
+    # byte for byte, so DVC sees the same output whether or not the run was interrupted
+    for name in ("history.json", "metrics.json"):
+        assert (out / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
 
 
 def test_changed_configuration_does_not_resume(world, tmp_path):
