@@ -219,7 +219,11 @@ def diagnose(p: Params, seed: int) -> StageOutput:
     from dpa_core.stages import load_proxy_llm
 
     out = layout(p).diagnose(seed)
-    holdout = load_text_records(_require(layout(p).mix() / "text_holdout.jsonl", "mix"))
+    holdout_file = _require(layout(p).mix() / "text_holdout.jsonl", "mix")
+    holdout = load_text_records(holdout_file)
+    if not holdout:  # the mix refuses this; an older mix output may still hold it
+        raise DPAInputError("the mix's held-out text is empty, so there is nothing to measure.", file=holdout_file,
+                            fix="raise mix.total (each caption source needs at least 10 records) and rerun the mix.")
     adapter = _require(layout(p).proxy(seed), "proxy")
     tok = AutoTokenizer.from_pretrained(p.model.llm)
     if tok.pad_token is None:

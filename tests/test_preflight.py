@@ -178,6 +178,20 @@ def test_mix_total_that_empties_the_holdout_is_refused(data, tmp_path):
     assert not (tmp_path / "outputs" / "mix").exists()
 
 
+def test_diagnose_refuses_an_empty_holdout(data, tmp_path):
+    """It wrote `{}` without a word (a mix from before the mix stage refused it)."""
+    from pipelines.stages import diagnose
+
+    p = _params(data, tmp_path)
+    mix = tmp_path / "outputs" / "mix"
+    mix.mkdir(parents=True)
+    (mix / "text_holdout.jsonl").write_text("")
+    with pytest.raises(DPAInputError, match="held-out text is empty") as e:
+        diagnose(p, 0)
+    assert "text_holdout.jsonl" in str(e.value) and "mix.total" in str(e.value)
+    assert not (tmp_path / "outputs" / "metrics").exists()
+
+
 # --- OS errors ---------------------------------------------------------------------------------------
 
 def test_disk_full_during_a_checkpoint_write_is_one_line(tiny_llava_dir, tmp_path):
