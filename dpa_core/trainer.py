@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -285,6 +285,12 @@ def prepare_work_dir(work_dir: Path, fingerprint: dict) -> str | None:
     return last_complete_checkpoint(work_dir)
 
 
+def _final_state(checkpoint: str) -> TrainerState | None:
+    """The checkpoint's trainer state if it is the run's last step (nothing left to train)."""
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
 def _history(log_history: list[dict]) -> list[dict]:
     """The per-step records of the whole run (the Trainer keeps them in every checkpoint, so a
     resumed run has the steps before the interruption too), without wall-clock figures."""
@@ -321,11 +327,21 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
         multimodal=multimodal,
         callbacks=list(callbacks),
     )
-    if resume:
-        _say(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    history = _history(trainer.state.log_history)
-    metrics = {k: v for k, v in result.metrics.items() if k not in TIMING_KEYS}
+    final = _final_state(resume) if resume and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) else None
+    if final is not None:
+        # The run had finished training when it was killed (e.g. while writing its output). The
+        # Trainer would resume and run one step more than max_steps; the checkpoint is the result.
+        _say(f"{resume} holds the last step of this run: its weights are the result, no step is run")
+        trainer._load_from_checkpoint(resume)
+        history = _history(final.log_history) + [
+            {"epoch": final.epoch, "step": final.global_step, "total_flos": final.total_flos, "train_loss": None}]
+        metrics = {"epoch": final.epoch, "total_flos": final.total_flos}
+    else:
+        if resume:
+            _say(f"resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+        history = _history(trainer.state.log_history)
+        metrics = {k: v for k, v in result.metrics.items() if k not in TIMING_KEYS}
     mean_loss = _train_loss(history)
     if mean_loss is not None:
         # the Trainer's own figure averages the steps of this process only (after a resume: the
@@ -334,6 +350,8 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
         for r in history:
             if "train_loss" in r:
                 r["train_loss"] = mean_loss
-    return {"history": history, "train": metrics, "timings": {k: v for k, v in result.metrics.items() if k in TIMING_KEYS},
+    history = [{k: v for k, v in r.items() if v is not None or k != "train_loss"} for r in history]
+    timings = {k: v for k, v in result.metrics.items() if k in TIMING_KEYS} if final is None else {}
+    return {"history": history, "train": metrics, "timings": timings,
             "resumed_from": resume, "world_size": trainer.args.world_size,
             "is_main_process": trainer.is_world_process_zero()}

@@ -314,6 +314,33 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(kind, world, align_run
         assert (out / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
 
 
+class CrashAtEnd(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        raise RuntimeError("simulated kill after the last checkpoint")
+
+
+def test_kill_after_the_last_checkpoint_runs_no_extra_step(world, tmp_path):
+    """Killed while writing the output, after the final checkpoint: the Trainer resumed from it and
+    trained one step past max_steps (invisible with cosine, whose last lr is 0; here the lr is
+    constant)."""
+    constant = TrainSettings(**{**RESUME.__dict__, "lr_scheduler": "constant"})
+    run, weights = _resumable("align", world, None)
+    out = tmp_path / "stage"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(out, constant, [CrashAtEnd()])
+    assert (tmp_path / "stage.work" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    steps = Steps()
+    res = run(out, constant, [steps])
+    assert steps.steps == []
+    whole = run(tmp_path / "whole", constant, [])
+    a, b = load_file(str(out / weights)), load_file(str(whole.out_dir / weights))
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in res.history] == [r["step"] for r in whole.history]
+    for name in ("history.json", "metrics.json"):
+        assert (out / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
+
+
 def test_changed_configuration_does_not_resume(world, tmp_path):
     out = tmp_path / "align"
     with pytest.raises(RuntimeError):
