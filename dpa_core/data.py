@@ -6,9 +6,11 @@ Record format (the public LLaVA datasets' own, JSON list or JSONL):
 Text-only caption records for the proxy stage (JSONL): {"id": "...", "text": "..."}.
 
 Three encodings:
-- plain (alignment): image tokens, then the caption and EOS; loss on the caption only;
+- plain (alignment): image tokens, then the caption and an end marker; loss on the caption only;
 - chat (instruction tuning): the LLM's own chat template; loss on assistant turns only;
-- text (proxy stage): the caption text and EOS; loss on every token.
+- text (proxy stage): the caption text and an end marker; loss on every token.
+The end marker of plain and text sequences is EOS, or "\n" as LLaVA's plain template (upstream).
+Instruction records may be text-only (no image); caption records need an image.
 Everything is validated when loaded, so bad records fail before training starts.
 """
 
@@ -18,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +29,8 @@ from .errors import DPAInputError
 from .losses import IGNORE_INDEX
 
 IMAGE_MARKER = "<image>"  # the image placeholder of the LLaVA data format, in the records' text
+SequenceEnd = Literal["eos", "newline"]
+AspectRatio = Literal["crop", "pad"]
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -179,8 +183,15 @@ def load_text_records(path: str | os.PathLike) -> list[dict]:
 class Encoder:
     """Turns records into token ids and labels for one tokenizer and vision tower."""
 
-    def __init__(self, tokenizer, image_token: str = IMAGE_MARKER, num_image_tokens: int = 0, max_length: int = 2048):
+    def __init__(self, tokenizer, image_token: str = IMAGE_MARKER, num_image_tokens: int = 0, max_length: int = 2048,
+                 sequence_end: SequenceEnd = "eos", image_first: bool = False, system_prompt: str | None = None):
+        if sequence_end not in ("eos", "newline"):
+            raise DPAInputError(f"unknown sequence_end {sequence_end!r}.", fix="use sequence_end: eos or newline.")
         self.tok = tokenizer
+        self.sequence_end = sequence_end
+        # LLaVA's preprocess_multimodal moves a single <image> to the start of its turn ("<image>\n" + text).
+        self.image_first = image_first
+        self.system_prompt = system_prompt  # chat: a system message before every conversation (upstream's)
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if num_image_tokens else None
         self.num_image_tokens = num_image_tokens
@@ -212,24 +223,42 @@ class Encoder:
                 out_lab.append(l)
         return out_ids, out_lab
 
+    def _ended(self, text: str) -> list[int]:
+        # Upstream's plain template tokenizes caption + "\n" as one string (the caption unstripped).
+        if self.sequence_end == "newline":
+            return self._ids(text + "\n")
+        return self._ids(text.strip()) + self.eos
+
     def text(self, text: str, rid=None) -> dict:
-        ids = self.bos + self._ids(text) + self.eos
+        ids = self.bos + (self._ids(text) + self.eos if self.sequence_end == "eos" else self._ended(text))
         return self._finish(ids, [IGNORE_INDEX] * len(self.bos) + ids[len(self.bos):], rid)
 
     def plain(self, record: Record) -> dict:
         """LLaVA's "plain" alignment template: the image, then the caption; loss on the caption."""
         prefix = self.bos + [self.image_token_id]
-        target = self._ids(record.caption.strip()) + self.eos
+        target = self._ended(record.caption)
         return self._finish(prefix + target, [IGNORE_INDEX] * len(prefix) + target, record.id)
+
+    def _turns(self, record: Record):
+        if not (self.image_first and record.image is not None):
+            return record.turns
+        out = []
+        for role, text in record.turns:
+            if text.count(IMAGE_MARKER) == 1 and not text.startswith(IMAGE_MARKER):
+                text = (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+            out.append((role, text))
+        return tuple(out)
 
     def chat(self, record: Record) -> dict:
         """The LLM's own chat template; loss on assistant turns (answer and end-of-turn tokens).
         The records' image placeholder becomes the model's configured image token."""
-        msgs = [{"role": r, "content": t.replace(IMAGE_MARKER, self.image_token) if self.image_token_id is not None else t}
-                for r, t in record.turns]
+        turns = self._turns(record)
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        msgs = head + [{"role": r, "content": t.replace(IMAGE_MARKER, self.image_token) if self.image_token_id is not None
+                        else t} for r, t in turns]
         full = self.tok.apply_chat_template(msgs, tokenize=False)
         spans = []
-        for i, (role, _) in enumerate(record.turns):
+        for i, (role, _) in enumerate(turns, start=len(head)):
             if role != "assistant":
                 continue
             prompt = self.tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
@@ -252,19 +281,56 @@ def load_image(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-class MultimodalDataset(torch.utils.data.Dataset):
-    """Records encoded with `encode` (Encoder.plain or Encoder.chat), images loaded on access."""
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square: pad the short side symmetrically with `fill`, keeping every pixel."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
 
-    def __init__(self, records: Sequence[Record], encode: Callable[[Record], dict], image_processor):
+
+def preprocess_image(image: Image.Image, image_processor, aspect_ratio: AspectRatio = "crop") -> torch.Tensor:
+    """pixel_values [3, H, W]. crop: the processor as is (CLIP: resize the short side, centre crop);
+    pad: first pad to a square with the processor's mean colour (upstream `image_aspect_ratio pad`)."""
+    if aspect_ratio == "pad":
+        image = expand_to_square(image, tuple(int(x * 255) for x in image_processor.image_mean))
+    elif aspect_ratio != "crop":
+        raise DPAInputError(f"unknown image_aspect_ratio {aspect_ratio!r}.", fix="use image_aspect_ratio: crop or pad.")
+    return image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+def word_count(record: Record) -> int:
+    return sum(len(text.split()) for _, text in record.turns)
+
+
+class MultimodalDataset(torch.utils.data.Dataset):
+    """Records encoded with `encode` (Encoder.plain or Encoder.chat), images loaded on access.
+    Text-only records (instruction data) give examples without pixel_values."""
+
+    def __init__(self, records: Sequence[Record], encode: Callable[[Record], dict], image_processor,
+                 image_aspect_ratio: AspectRatio = "crop"):
+        if image_aspect_ratio not in ("crop", "pad"):
+            raise DPAInputError(f"unknown image_aspect_ratio {image_aspect_ratio!r}.",
+                                fix="use image_aspect_ratio: crop or pad.")
         self.records, self.encode, self.image_processor = list(records), encode, image_processor
+        self.image_aspect_ratio = image_aspect_ratio
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's modality_lengths: word count, negative for text-only records (for the grouped sampler)."""
+        return [max(word_count(r), 1) * (1 if r.image is not None else -1) for r in self.records]
+
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         ex = self.encode(rec)
-        ex["pixel_values"] = self.image_processor(load_image(rec.image), return_tensors="pt")["pixel_values"][0]
+        if rec.image is not None:
+            ex["pixel_values"] = preprocess_image(load_image(rec.image), self.image_processor, self.image_aspect_ratio)
         return ex
 
 
@@ -296,6 +362,9 @@ class Collator:
             sl = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
             ids[b, sl], labels[b, sl], mask[b, sl] = e["input_ids"], e["labels"], 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        if "pixel_values" in examples[0]:
-            batch["pixel_values"] = torch.stack([e["pixel_values"] for e in examples])
+        # One image per record that has one, in batch order (the model fills the image tokens in that order);
+        # a batch of text-only records has no pixel_values.
+        images = [e["pixel_values"] for e in examples if "pixel_values" in e]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
         return batch

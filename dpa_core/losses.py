@@ -1,6 +1,6 @@
 """Token-weighted cross-entropy: vanilla, CMO (DPA) and CAL.
 
-All three share one shape (see ../shared/method.md):
+All three share one shape (see docs/method.md):
     loss = sum_j w_j * CE_j / (sum_{j target} w_j + 1e-6)
 with w_j = 1 for vanilla (a plain mean), and for CMO/CAL a detached weight scored from two passes
 over the same sequence, with and without the image:
@@ -43,6 +43,10 @@ class LossConfig:
     window: int = 3
     smoothing: Smoothing = "flat"
     image_free: Literal["reference", "efficient"] = "efficient"  # how the image-free pass is run
+    # The image-free prediction at image positions (the last one predicts the token after the image):
+    # last_text = from the last text token before the image; image_position = the position's own
+    # output in the masked pass (upstream). See image_free.py.
+    image_boundary: Literal["last_text", "image_position"] = "last_text"
     chunk_tokens: int = 1024  # tokens per chunk when scoring labels against the full vocabulary
 
     @property

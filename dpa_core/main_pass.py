@@ -33,7 +33,7 @@ def main_pass(model, batch: dict, position_ids: torch.Tensor, need: torch.Tensor
     """`need` [B, S-1] the shifted positions to score, `scored` [B, S-1] their labels (no ignore ids)."""
     b, s1 = need.shape
     cols = need.any(0).nonzero(as_tuple=True)[0]  # position t predicts token t+1, so shifted t = model position t
-    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                    attention_mask=batch["attention_mask"], position_ids=position_ids, use_cache=False,
                    logits_to_keep=cols).logits  # [B, K, V]
     vocab = logits.shape[-1]

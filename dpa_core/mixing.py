@@ -72,10 +72,13 @@ def allocate(sources: Sequence[MixSource], available: dict[str, int], total: int
     return want
 
 
-def check_sources(sources: Sequence[tuple[Path, Path]], *, image_token: str = "<image>") -> int:
+def check_sources(sources: Sequence[tuple[Path, Path]], *, image_token: str = "<image>",
+                  require_image: bool = True) -> int:
     """Validate LLaVA-format sources [(path, image_root)] in full (every record, every image: exists,
-    inside its root, readable, one image marker); returns the number of records."""
-    return sum(len(load_llava_records(path, root, image_token=image_token)) for path, root in sources)
+    inside its root, readable, one image marker); returns the number of records. Instruction data may
+    hold text-only records (require_image=False), as the finetune stage reads it."""
+    return sum(len(load_llava_records(path, root, image_token=image_token, require_image=require_image))
+               for path, root in sources)
 
 
 def mix_captions(sources: Sequence[MixSource], out_dir: str | os.PathLike, *, total: int | None = None,

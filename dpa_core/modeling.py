@@ -216,6 +216,10 @@ def build_llava(
         load_connector(model, connector_path)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"meta tensors left after assembly: {leftover[:5]}"
+    # FSDP's transformer auto-wrap (accelerate, fsdp.yaml) wraps the classes named here and fails on a name
+    # absent from the model: CLIPVisionModel inherits CLIP's list, which names CLIPTextEmbeddings.
+    present = {type(m).__name__ for m in model.modules()}
+    model._no_split_modules = sorted(n for n in (model._no_split_modules or []) if n in present)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor

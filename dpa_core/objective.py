@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunked_ce import chunk_rows
-from .image_free import efficient_hidden, llava_of, position_ids_for, reference_logits
+from .image_free import efficient_hidden, image_mask, llava_of, position_ids_for, reference_logits
 from .losses import (
     IGNORE_INDEX,
     LossConfig,
@@ -23,7 +23,20 @@ from .main_pass import MainPass, main_pass
 
 
 def multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = False):
-    """Loss of a batch {input_ids, attention_mask, pixel_values, labels} under `cfg`."""
+    """Loss of a batch {input_ids, attention_mask, pixel_values, labels} under `cfg` (pixel_values absent
+    when every record of the batch is text-only)."""
+    out = _multimodal_loss(model, batch, cfg, return_stats)
+    if batch.get("pixel_values") is None and torch.is_grad_enabled():
+        # A text-only batch never reaches the connector, and DDP fails on a trainable parameter that got no
+        # gradient. Adding 0 x the connector keeps it in the graph (its gradient is 0).
+        touch = sum(p.sum() for p in llava_of(model).model.multi_modal_projector.parameters() if p.requires_grad)
+        if isinstance(touch, torch.Tensor):
+            loss = (out[0] if return_stats else out) + 0.0 * touch
+            out = (loss, out[1]) if return_stats else loss
+    return out
+
+
+def _multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = False):
     position_ids = position_ids_for(batch["attention_mask"])
     if cfg.needs_image_free_pass and cfg.image_free == "reference":
         return reference_contrastive_loss(model, batch, position_ids, cfg, return_stats)
@@ -45,10 +58,10 @@ def multimodal_loss(model, batch: dict, cfg: LossConfig, return_stats: bool = Fa
 def reference_contrastive_loss(model, batch: dict, position_ids, cfg: LossConfig, return_stats: bool = False):
     """CMO/CAL as the paper's code computes it: full logits of both passes, the image-free one with image
     tokens masked out of attention over the full sequence."""
-    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                    attention_mask=batch["attention_mask"], position_ids=position_ids, use_cache=False).logits
-    ni, has_source = reference_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                      position_ids)
+    ni, has_source = reference_logits(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                      position_ids, boundary=cfg.image_boundary)
     ni = torch.where(has_source[..., None], ni, logits.detach())
     return contrastive_loss(logits, ni, batch["labels"], cfg, return_stats, attention_mask=batch["attention_mask"])
 
@@ -61,7 +74,14 @@ def efficient_deltas(model, batch: dict, position_ids, main: MainPass, need: tor
     The image-free label scores come from the LM head applied chunk by chunk to the rows needed, so
     at most `chunk_rows` x V scores exist at once.
     """
-    hidden_ni, has_source = efficient_hidden(model, batch["input_ids"], batch["attention_mask"], position_ids)
+    queries = None
+    if cfg.image_boundary == "image_position":
+        # Image positions whose weight can reach the loss take their own masked-pass output (upstream).
+        is_image = image_mask(batch["input_ids"], batch["attention_mask"], llava_of(model).config.image_token_id)
+        queries = torch.zeros_like(is_image)
+        queries[:, :-1] = need & is_image[:, :-1]
+    hidden_ni, has_source = efficient_hidden(model, batch["input_ids"], batch["attention_mask"], position_ids,
+                                             pixel_values=batch.get("pixel_values"), image_queries=queries)
     hidden_ni = hidden_ni[:, :-1]
     rows = (need & has_source[:, :-1]).reshape(-1).nonzero(as_tuple=True)[0]
     b, s1 = need.shape

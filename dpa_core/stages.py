@@ -23,7 +23,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
-from .data import Collator, Encoder, MultimodalDataset, TextDataset, load_llava_records, load_text_records
+from .data import (AspectRatio, Collator, Encoder, MultimodalDataset, SequenceEnd, TextDataset, load_llava_records,
+                   load_text_records)
 from .errors import DPAInputError
 from .io import atomic_dir, content_digest, stat_digest, write_json_atomic
 from .losses import LossConfig
@@ -126,6 +127,9 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
 
 
 def load_records(sources: Sequence[DataSource], *, require_image: bool = True, image_token: str = "<image>"):
+    # Alignment needs an image in every record; instruction data may mix in text-only records (LLaVA-665K
+    # has 40k), whose CMO/CAL weight is that of a sequence without image tokens: the image-free pass equals
+    # the main one, delta = 0, the weight sits at the lower bound (as upstream; see docs/fidelity.md).
     return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image,
                                                            image_token=image_token)]
 
@@ -144,7 +148,8 @@ def load_proxy_llm(llm: Path, adapter_dir: Path, dtype: torch.dtype = torch.floa
 
 
 def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSettings, settings: TrainSettings,
-                   max_length: int = 512, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
+                   max_length: int = 512, sequence_end: SequenceEnd = "eos",
+                   callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """PMO: adapt a copy of the LLM to the caption corpus's language, text only, with LoRA."""
     out_dir = Path(out_dir)
     texts = load_text_records(text_corpus)
@@ -154,9 +159,10 @@ def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSet
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     _upcast_trainable(model)
-    run = train(model, TextDataset(texts, Encoder(tok, max_length=max_length)), Collator(tok.pad_token_id), settings,
-                _work_dir(out_dir), multimodal=False, callbacks=callbacks,
+    run = train(model, TextDataset(texts, Encoder(tok, max_length=max_length, sequence_end=sequence_end)),
+                Collator(tok.pad_token_id), settings, _work_dir(out_dir), multimodal=False, callbacks=callbacks,
                 fingerprint={"stage": "proxy", "lora": asdict(lora), "max_length": max_length,
+                             "sequence_end": sequence_end,
                              "inputs": {"llm": content_digest(llm), "corpus": content_digest(text_corpus)}})
     extra = {"n_texts": len(texts), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     return _finish(out_dir, run, extra, lambda tmp: model.save_pretrained(tmp))
@@ -164,6 +170,7 @@ def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSet
 
 def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, loss: LossConfig,
           settings: TrainSettings, proxy_adapter: Path | None = None, max_length: int = 2048,
+          image_aspect_ratio: AspectRatio = "crop", sequence_end: SequenceEnd = "eos",
           callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Train the connector only; the LLM (proxy if given) and the vision tower stay frozen."""
     out_dir = Path(out_dir)
@@ -178,12 +185,14 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
     for p in model.model.multi_modal_projector.parameters():
         p.requires_grad_(True)
     _upcast_trainable(model)
-    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length)
-    run = train(model, MultimodalDataset(records, enc.plain, processor.image_processor),
+    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length,
+                  sequence_end=sequence_end)
+    run = train(model, MultimodalDataset(records, enc.plain, processor.image_processor, image_aspect_ratio),
                 Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
                 callbacks=callbacks,
                 fingerprint={"stage": "align", "image_token": paths.image_token, "max_length": max_length,
                              "add_image_token": paths.add_image_token, "proxy": proxy_adapter is not None,
+                             "image_aspect_ratio": image_aspect_ratio, "sequence_end": sequence_end,
                              "inputs": {**_model_inputs(paths), "captions": _data_inputs(captions, records),
                                         "proxy_adapter": content_digest(proxy_adapter)}})
     return _finish(out_dir, run, {"n_records": len(records), "proxy": proxy_adapter is not None},
@@ -192,16 +201,18 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
 
 def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSource], out_dir: Path, *,
              loss: LossConfig, settings: TrainSettings, tune: Literal["lora", "full"] = "lora",
-             lora: LoraSettings | None = None, max_length: int = 2048,
+             lora: LoraSettings | None = None, max_length: int = 2048, image_aspect_ratio: AspectRatio = "crop",
+             image_first: bool = False, system_prompt: str | None = None,
              callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Instruction tuning of the original LLM with the learned connector; loss on answers only.
+    Text-only records are accepted (see `load_records`).
 
     Writes `adapter/` (LoRA on the LLM + the connector as a saved module) when tune == "lora",
     else `model/` (a full Llava checkpoint). The vision tower stays frozen.
     """
     out_dir = Path(out_dir)
     _preflight(paths, max_length)
-    records = load_records(instructions, image_token=paths.image_token)
+    records = load_records(instructions, require_image=False, image_token=paths.image_token)
     _seed(settings)
     model, processor = build_llava(paths.vision, paths.llm, connector_path=connector, image_token=paths.image_token,
                                    add_image_token=paths.add_image_token, dtype=_dtype(settings))
@@ -215,13 +226,15 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
     elif tune != "full":
         raise DPAInputError(f"unknown finetune mode {tune!r}.", fix="use tune: lora or tune: full.")
     _upcast_trainable(model)
-    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length)
-    run = train(model, MultimodalDataset(records, enc.chat, processor.image_processor),
+    enc = Encoder(processor.tokenizer, paths.image_token, vision_info(paths.vision).num_image_tokens, max_length,
+                  image_first=image_first, system_prompt=system_prompt)
+    run = train(model, MultimodalDataset(records, enc.chat, processor.image_processor, image_aspect_ratio),
                 Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
                 callbacks=callbacks,
                 fingerprint={"stage": "finetune", "image_token": paths.image_token, "max_length": max_length,
                              "add_image_token": paths.add_image_token, "tune": tune,
-                             "lora": asdict(lora) if lora else None,
+                             "lora": asdict(lora) if lora else None, "image_aspect_ratio": image_aspect_ratio,
+                             "image_first": image_first, "system_prompt": system_prompt,
                              "inputs": {**_model_inputs(paths), "connector": content_digest(connector),
                                         "instructions": _data_inputs(instructions, records)}})
 

@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -28,6 +28,9 @@ from .errors import DPAInputError
 from .io import write_json_atomic
 from .losses import LossConfig
 from .objective import multimodal_loss, text_loss
+from .sampling import ModalityLengthGroupedSampler
+
+CONNECTOR_PARAM = "multi_modal_projector"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
     dataloader_workers: int = 0
+    group_by_modality_length: bool = False  # LLaVA's modality-length-grouped sampler (upstream: on in stage 3)
+    connector_learning_rate: float | None = None  # a separate rate for the connector (LLaVA's mm_projector_lr)
 
 
 def world_size() -> int:
@@ -140,10 +145,13 @@ def load_checkpoint_weights(model, checkpoint: str | os.PathLike) -> None:
 class DPATrainer(Trainer):
     """Trainer whose loss is vanilla, CMO or CAL (multimodal batches) or plain CE (text batches)."""
 
-    def __init__(self, *args, loss_config: LossConfig | None = None, multimodal: bool = True, **kwargs):
+    def __init__(self, *args, loss_config: LossConfig | None = None, multimodal: bool = True,
+                 group_by_modality_length: bool = False, connector_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_config = loss_config or LossConfig()
         self.multimodal = multimodal
+        self.group_by_modality_length = group_by_modality_length
+        self.connector_learning_rate = connector_learning_rate
         # Our losses are per-micro-batch means, so the Trainer divides by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._stat_sums: dict[str, float] = defaultdict(float)
@@ -158,6 +166,37 @@ class DPATrainer(Trainer):
                 self._stat_sums[k] += v
             self._stat_count += 1
         return loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        if not hasattr(dataset, "modality_lengths"):
+            raise DPAInputError("group_by_modality_length needs a multimodal dataset (records with word counts).",
+                                fix="set group_by_modality_length: false for this stage.")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ModalityLengthGroupedSampler(dataset.modality_lengths, self.args.per_device_train_batch_size,
+                                            self.args.world_size * self.args.gradient_accumulation_steps, seed)
+
+    def create_optimizer(self, model=None):
+        # LLaVA's create_optimizer with mm_projector_lr: the connector's parameters in groups of their own.
+        if self.connector_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((CONNECTOR_PARAM in name, name in decay), []).append(p)
+        if not any(connector for connector, _ in groups):
+            raise DPAInputError("connector_learning_rate is set but no trainable connector parameter was found.",
+                                fix="unset connector_learning_rate, or train the connector in this stage.")
+        grouped = [{"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
+                    **({"lr": self.connector_learning_rate} if connector else {})}
+                   for (connector, dec), ps in sorted(groups.items())]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = cls(grouped, **kwargs)
+        return self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model if model is not None else self.model
@@ -194,6 +233,39 @@ class DPATrainer(Trainer):
             self._stat_sums.clear()
             self._stat_count = 0
         super().log(logs, *args, **kwargs)
+
+
+class StageProgress(TrainerCallback):
+    """One progress bar per training run with the latest loss (and learning rate) in its postfix.
+
+    Replaces the Trainer's ProgressCallback, which also prints every logged dict under the bar:
+    those records go to the stage's history.json and to MLflow, not to the terminal."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            post = {"loss": f"{logs['loss']:.4f}"}
+            if "learning_rate" in logs:
+                post["lr"] = f"{logs['learning_rate']:.1e}"
+            self.bar.set_postfix(post, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 COMPLETE_MARKER = "dpa_checkpoint_complete.json"
@@ -325,8 +397,12 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
         data_collator=collator,
         loss_config=loss_config,
         multimodal=multimodal,
+        group_by_modality_length=settings.group_by_modality_length,
+        connector_learning_rate=settings.connector_learning_rate,
         callbacks=list(callbacks),
     )
+    trainer.remove_callback(ProgressCallback)  # prints every log dict; StageProgress does not
+    trainer.add_callback(StageProgress(f"{work_dir.parent.name}/{work_dir.name.removesuffix('.work')}"))
     final = _final_state(resume) if resume and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) else None
     if final is not None:
         # The run had finished training when it was killed (e.g. while writing its output). The

@@ -3,6 +3,9 @@
     dpa stage NAME [--arm ARM] [--seed N] [-S key=value ...]   run one stage (what dvc.yaml calls)
     dpa validate [-S key=value ...]                             check params.yaml (+ profile) and exit
     dpa show                                                    print the compare table of the last run
+    dpa sweep conflict --values 0,0.5,1 [-S key=value ...]      the conflict dial (DPA − Vanilla vs prior gap)
+    dpa chat MODEL_DIR --image PATH [--prompt TEXT]             talk to a Llava checkpoint (streamed reply)
+    dpa eval MODEL_DIR [--benchmark NAME|FILE|KIND:TASK ...]    the evaluate stage's benchmarks, outside DVC
     dpa bench cmo [...]                                         the CMO speed/memory benchmark
     dpa flow [...]                                              run the Prefect flow once (see README)
 
@@ -17,13 +20,15 @@ import logging
 import os
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 from dpa_core.errors import DPAInputError
 
 from .params import load_params, parse_override
 
-NEEDS_ARM = ("align", "finetune", "merge", "evaluate")
+NEEDS_ARM = ("align", "reliance", "finetune", "merge", "evaluate")
 NEEDS_SEED = ("proxy", "diagnose", *NEEDS_ARM)
 
 
@@ -80,13 +85,162 @@ def run_stage(args) -> int:
         kwargs["arm"] = args.arm
     if args.name in NEEDS_SEED:
         kwargs["seed"] = args.seed
+    label = " ".join([args.name, *([args.arm] if args.arm else []), *([f"seed {args.seed}"] if args.seed is not None else [])])
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"[dpa] ── {label} ──", flush=True)
+    start = time.monotonic()
     out = fn(p, **kwargs)
-    print(f"[dpa] stage {args.name} done -> {out.out_dir}", flush=True)
+    if main_process:
+        print(f"[dpa] ── {label}: done in {_elapsed(time.monotonic() - start)} -> {out.out_dir}", flush=True)
     return 0
 
 
+def _elapsed(seconds: float) -> str:
+    minutes, sec = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{sec:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+CHAT_HELP = "commands: /image PATH (new image, new conversation), /reset, /exit (or Ctrl-D)"
+
+
+def run_chat(args) -> int:
+    """One-shot (--prompt) or interactive chat about one image; the reply streams as it is generated."""
+    from dpa_core.chat import LlavaChat, load_image
+
+    image = load_image(args.image)
+    chat = LlavaChat(args.model_dir, device=args.device)
+    chat.reset(image)
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, stream=sys.stdout)
+    if args.prompt is not None:
+        chat.ask(args.prompt, **opts)
+        print(flush=True)
+        return 0
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    print(f"[dpa] chatting with {args.model_dir} about {args.image} on {chat.device} ({CHAT_HELP})", flush=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "exit", "quit"):
+            return 0
+        if line == "/reset":
+            chat.reset()
+            print("[dpa] new conversation", flush=True)
+            continue
+        if line.startswith("/image"):
+            try:
+                chat.reset(load_image(line[len("/image"):].strip()))
+                print("[dpa] new image, new conversation", flush=True)
+            except DPAInputError as e:
+                print(f"[dpa] error: {e}", flush=True)
+            continue
+        print("model> ", end="", flush=True)
+        chat.ask(line, **opts)
+        print(flush=True)
+
+
+def benchmark_specs(items: list[str] | None, p) -> list[dict]:
+    """--benchmark values as evaluate_all specs: a benchmark name from params.yaml, a file (.tsv: the
+    built-in scorer; .jsonl: a multiple-choice text benchmark through lm-eval), or KIND:TASK
+    (vlmeval:MMBench_DEV_EN, lmeval:arc_easy). None: every benchmark in params.yaml."""
+    from .stages import _benchmarks
+
+    configured = {b["name"]: b for b in _benchmarks(p)} if p is not None else {}
+    if not items:
+        if not configured:
+            raise DPAInputError("no benchmarks: no params.yaml here and no --benchmark given.",
+                                fix="pass --benchmark FILE.tsv|FILE.jsonl|vlmeval:TASK|lmeval:TASK, or --params.")
+        return list(configured.values())
+    specs = []
+    for item in items:
+        kind, _, task = item.partition(":")
+        if item in configured:
+            specs.append(configured[item])
+        elif kind in ("vlmeval", "lmeval") and task:
+            specs.append({"name": task.replace(":", "_"), "kind": kind, "task": task})
+        elif item.endswith((".tsv", ".jsonl")):
+            if not Path(item).is_file():
+                raise DPAInputError("benchmark file not found.", file=item, fix="pass an existing .tsv or .jsonl file.")
+            specs.append({"name": Path(item).stem, "kind": "builtin_tsv" if item.endswith(".tsv") else "lmeval",
+                          "path": item})
+        else:
+            raise DPAInputError(f"unknown benchmark {item!r}.",
+                                fix=f"use a name from params.yaml ({', '.join(configured) or 'none'}), a .tsv/.jsonl "
+                                "file, or vlmeval:TASK / lmeval:TASK.")
+    return specs
+
+
+def score_table(scores: dict) -> str:
+    """The scores of one model as a markdown table, in %: the headline score per benchmark and their
+    average first (as in the comparison), then every other score."""
+    from .stages import headline_scores
+
+    numeric = {k: v for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
+    heads = headline_scores(numeric)
+    rows = [*heads.items(), *((k, v) for k, v in sorted(numeric.items()) if k not in heads)]
+    lines = ["| score | % |", "|---|---|", *(f"| {k} | {100 * v:.1f} |" for k, v in rows)]
+    skipped = scores.get("meta/evaluate/n_skipped")
+    if skipped:
+        lines.append(f"\n{int(skipped)} benchmark(s) skipped: see report.json.")
+    return "\n".join(lines)
+
+
+def run_eval(args) -> int:
+    from dpa_core.evaluation import evaluate_all
+
+    from .stages import evaluation_settings
+
+    p = load_params(args.params, _overrides(args.set)) if Path(args.params).is_file() else None
+    specs = benchmark_specs(args.benchmark, p)
+    settings = evaluation_settings(p) if p is not None else dict(batch_size=8, max_new_tokens=16, limit=None,
+                                                                   lmu_data=None)
+    for key in ("batch_size", "max_new_tokens", "limit"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    model_dir = Path(args.model_dir)
+    out = Path(args.out) if args.out else Path("eval-results") / model_dir.resolve().name
+    print(f"[dpa] evaluating {model_dir} on {', '.join(s['name'] for s in specs)} -> {out}", flush=True)
+    scores = evaluate_all(model_dir, specs, out, device=args.device, **settings)
+    print(f"\n{model_dir}\n\n{score_table(scores)}", flush=True)
+    return 0
+
+
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",       # "Loading weights" / "Writing model shards" bars
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # "Generating test split" (lm-eval's data)
+    "TRANSFORMERS_VERBOSITY": "error",         # load reports of the unused CLIP text tower, advisories
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "MLFLOW_CONFIGURE_LOGGING": "false",       # MLflow's INFO lines (database setup) go to WARNING
+}
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to what a user reads: stage headers, one progress bar per training or
+    evaluation, warnings and errors. The libraries' INFO logs and loading bars are off (the
+    records are in MLflow and the outputs); DPA_VERBOSE=1 keeps everything. Set in the
+    environment, so `accelerate launch` and container children inherit it."""
+    if os.environ.get("DPA_VERBOSE", "") not in ("", "0"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("dpa", "dpa_core", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="dpa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stage", help="run one pipeline stage")
@@ -100,6 +254,29 @@ def main(argv: list[str] | None = None) -> int:
     va.add_argument("-S", "--set", action="append", metavar="KEY=VALUE")
     sh = sub.add_parser("show", help="print the comparison table")
     sh.add_argument("--params", default="params.yaml")
+    sw = sub.add_parser("sweep", help="the conflict dial: one DVC experiment per world.verbose_style value")
+    sw.add_argument("what", choices=["conflict"])
+    sw.add_argument("--values", default="0,0.5,1", help="dial settings in 0..1, comma-separated")
+    sw.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="passed to every dvc exp run")
+    ch = sub.add_parser("chat", help="talk to a Llava checkpoint about an image (streamed)")
+    ch.add_argument("model_dir", help="a Llava checkpoint directory (outputs/merged/ARM-seedN, a llava-hf model)")
+    ch.add_argument("--image", required=True, help="the image to talk about")
+    ch.add_argument("--prompt", help="ask once and exit (default: interactive)")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ch.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    ev = sub.add_parser("eval", help="evaluate a Llava checkpoint as the evaluate stage does, outside DVC")
+    ev.add_argument("model_dir")
+    ev.add_argument("--benchmark", action="append", metavar="NAME|FILE|KIND:TASK",
+                    help="a benchmark of params.yaml, a .tsv/.jsonl file, or vlmeval:TASK / lmeval:TASK "
+                    "(repeatable; default: every benchmark of params.yaml)")
+    ev.add_argument("--out", help="results directory (default: eval-results/MODEL_DIR_NAME)")
+    ev.add_argument("--params", default="params.yaml")
+    ev.add_argument("-S", "--set", action="append", metavar="KEY=VALUE")
+    ev.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
+    ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--device", default="auto")
     be = sub.add_parser("bench", help="benchmarks", add_help=False)
     be.add_argument("what", choices=["cmo"])
     fl = sub.add_parser("flow", help="run the Prefect flow once, in-process", add_help=False)
@@ -123,7 +300,26 @@ def main(argv: list[str] | None = None) -> int:
             from .stages import layout
 
             print((layout(p).compare() / "comparison.md").read_text())
+            from .tracking import existing_runs_view_url, tracking_uri
+
+            uri = tracking_uri(p.tracking.uri)
+            if url := existing_runs_view_url(uri, p.tracking.experiment):
+                serve = "" if uri.startswith("http") else \
+                    f"  .venv/bin/mlflow ui --backend-store-uri {p.tracking.uri} --host 127.0.0.1 --port 5000\n"
+                print(f"MLflow (runs, params, loss curves, the comparison as artifacts of the `study` run):\n"
+                      f"{serve}  {url}")
             return 0
+        if args.cmd == "sweep":
+            from .sweep import parse_values, run_conflict_sweep
+
+            values = parse_values(args.values)
+            load_params("params.yaml", _overrides(args.set))  # fail before the first run
+            run_conflict_sweep(values, args.set or [])
+            return 0
+        if args.cmd == "chat":
+            return run_chat(args)
+        if args.cmd == "eval":
+            return run_eval(args)
         if args.cmd == "bench":
             from dpa_core.bench.cmo import main as bench_main
 

@@ -1,23 +1,37 @@
-"""The study's answer: every arm's scores per benchmark and category, mean and spread over seeds,
-and DPA minus Vanilla. Written as markdown, CSV, DVC metrics/plots and a PNG chart."""
+"""The study's answer: every arm's scores per benchmark and category (generation and likelihood
+scoring), mean and spread over seeds, each arm against Vanilla as a paired difference with a 95%
+bootstrap CI over questions and seeds, the reference and text-oracle ceiling rows, and the
+image-reliance diagnostic. Written as markdown, CSV, DVC metrics/plots and a PNG chart."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from dpa_core.errors import DPAInputError
+from dpa_core.evaluation.flat_metrics import category_key, is_likelihood_key, likelihood_key, metric_part
+from dpa_core.evaluation.paired import PairedDifference, paired_bootstrap, questions_needed
 from dpa_core.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 AVERAGE = "average"
+BASELINE = "vanilla"
+REFERENCE, CEILING = "reference", "ceiling"
+LABELS = {REFERENCE: "reference (untrained connector)", CEILING: "ceiling (text oracle)"}
+N_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+TARGET_HALF_WIDTH = 0.02  # the CI half-width the question count is sized for (2 points)
 
 
 def headline_keys(keys) -> list[str]:
-    """One score per benchmark: its overall accuracy (builtin/vlmeval) or its accuracy (lm-eval)."""
-    keys = sorted(keys)
+    """One score per benchmark: its overall accuracy (builtin/vlmeval) or its accuracy (lm-eval).
+    Likelihood-scored overalls ("<name>/lik/overall") are a second view of the same benchmark, not
+    another benchmark: they never enter the average."""
+    keys = sorted(k for k in keys if not is_likelihood_key(k))
     heads = [k for k in keys if k.endswith("/overall")]
     covered = {k.rsplit("/", 1)[0] for k in heads}
     heads += [k for k in keys if k.endswith("/acc") and k.rsplit("/", 1)[0] not in covered]
@@ -31,7 +45,7 @@ def numeric_scores(path: Path) -> dict[str, float]:
 
 
 def collect(p, layout) -> dict[str, dict[int, dict[str, float]]]:
-    """{arm: {seed: {metric: value}}}, the reference row under 'reference' (seed 0)."""
+    """{arm: {seed: {metric: value}}}; the reference and ceiling rows under 'reference' and 'ceiling' (seed 0)."""
     rows: dict[str, dict[int, dict[str, float]]] = {}
     for arm in p.study.arms:
         for seed in p.study.seeds:
@@ -44,17 +58,30 @@ def collect(p, layout) -> dict[str, dict[int, dict[str, float]]]:
     if p.evaluate.reference_row and ref.is_file():
         scores = numeric_scores(ref)
         if scores.pop("enabled", 1):
-            rows["reference"] = {0: scores}
+            rows[REFERENCE] = {0: scores}
+    ceiling = layout.eval_ceiling() / "scores.json"
+    if p.evaluate.reference_row and ceiling.is_file():
+        rows[CEILING] = {0: numeric_scores(ceiling)}
     return rows
 
 
+def _column_order(key: str) -> tuple:
+    """Per benchmark: generation before likelihood, the overall score before the categories."""
+    return key.split("/", 1)[0], is_likelihood_key(key), not key.endswith("/overall"), key
+
+
 def summarise(rows: dict) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
-    """Metric columns and {arm: {metric: (mean, std, n)}} with an 'average' of the headline scores."""
-    metrics = sorted({k for seeds in rows.values() for s in seeds.values() for k in s})
+    """Metric columns and {arm: {metric: (mean, std, n)}} with an 'average' of the headline scores
+    (for rows that have all of them)."""
+    metrics = sorted({k for seeds in rows.values() for s in seeds.values() for k in s}, key=_column_order)
     heads = headline_keys(metrics)
     table = {}
     for arm, seeds in rows.items():
-        per_seed = [dict(s, **{AVERAGE: statistics.fmean(s[k] for k in heads if k in s)}) for s in seeds.values()]
+        per_seed = []
+        for s in seeds.values():
+            # Only over the same benchmarks for every row: the ceiling, for one, has no text benchmarks.
+            complete = all(k in s for k in heads)
+            per_seed.append(dict(s, **({AVERAGE: statistics.fmean(s[k] for k in heads)} if complete else {})))
         table[arm] = {}
         for m in [AVERAGE, *metrics]:
             vals = [s[m] for s in per_seed if m in s]
@@ -64,11 +91,75 @@ def summarise(rows: dict) -> tuple[list[str], dict[str, dict[str, tuple[float, f
 
 
 def paired_difference(rows: dict, a: str, b: str, metric_fn) -> tuple[float, float, int] | None:
+    """Mean and std over seeds of a - b (the fallback where per-question verdicts are missing)."""
     seeds = sorted(set(rows.get(a, {})) & set(rows.get(b, {})))
     if not seeds:
         return None
     diffs = [metric_fn(rows[a][s]) - metric_fn(rows[b][s]) for s in seeds]
+    if any(math.isnan(d) for d in diffs):
+        return None
     return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
+
+
+# ---- per-question verdicts and the bootstrap ----------------------------------------------------
+
+def read_verdicts(path: Path) -> dict[str, dict[str, tuple[str, bool]]]:
+    """{metric key: {question index: (category, correct)}} from a built-in benchmark's predictions.jsonl,
+    for the generation keys ("<name>/overall", "<name>/<category>") and, where scored, the likelihood keys."""
+    name = path.parent.name
+    gen: dict[str, tuple[str, bool]] = {}
+    lik: dict[str, tuple[str, bool]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            gen[str(rec["index"])] = (str(rec["category"]), bool(rec["correct"]))
+            if rec.get("lik_correct") is not None:
+                lik[str(rec["index"])] = (str(rec["category"]), bool(rec["lik_correct"]))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise DPAInputError(f"line {n} is not a prediction record ({err!r}).", file=path, record=n,
+                                fix="rerun the evaluate stage; predictions.jsonl is written by the built-in scorer.")
+    out: dict[str, dict[str, tuple[str, bool]]] = {}
+    for verdicts, key_of in ((gen, lambda c: category_key(name, c) if c else f"{metric_part(name)}/overall"),
+                             (lik, lambda c: likelihood_key(name, c))):
+        if verdicts:
+            out[key_of(None)] = verdicts
+            for cat in sorted({c for c, _ in verdicts.values()}):
+                out[key_of(cat)] = {i: v for i, v in verdicts.items() if v[0] == cat}
+    return out
+
+
+def collect_verdicts(p, layout) -> dict[str, dict[int, dict[str, dict[str, tuple[str, bool]]]]]:
+    """{arm: {seed: {metric: {question: (category, correct)}}}} for every built-in TSV benchmark found."""
+    names = [b.name for b in p.evaluate.benchmarks if b.kind == "builtin_tsv"]
+    out: dict = {}
+    for arm in p.study.arms:
+        for seed in p.study.seeds:
+            for name in names:
+                f = layout.eval(arm, seed) / name / "predictions.jsonl"
+                if f.is_file():
+                    out.setdefault(arm, {}).setdefault(seed, {}).update(read_verdicts(f))
+    return out
+
+
+def bootstrap_pair(verdicts: dict, a: str, b: str, metric: str) -> PairedDifference | None:
+    """a - b on `metric` over the seeds both have, paired on question and seed."""
+    seeds = sorted(s for s in set(verdicts.get(a, {})) & set(verdicts.get(b, {}))
+                   if metric in verdicts[a][s] and metric in verdicts[b][s])
+    if not seeds:
+        return None
+    questions = sorted(set.intersection(*[set(verdicts[x][s][metric]) for x in (a, b) for s in seeds]))
+    if not questions:
+        return None
+    grid = {x: np.array([[verdicts[x][s][metric][q][1] for q in questions] for s in seeds]) for x in (a, b)}
+    return paired_bootstrap(grid[a], grid[b], n_resamples=N_RESAMPLES, seed=BOOTSTRAP_SEED)
+
+
+# ---- rendering ----------------------------------------------------------------------------------
+
+def label(arm: str) -> str:
+    return LABELS.get(arm, arm)
 
 
 def _fmt(cell) -> str:
@@ -78,76 +169,222 @@ def _fmt(cell) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if n > 1 else "")
 
 
-def build_comparison(p, layout, out_dir: Path) -> dict:
+def _fmt_diff(seedwise, boot: PairedDifference | None) -> str:
+    if boot is not None:
+        return f"{100 * boot.mean:+.1f} [{100 * boot.ci_low:+.1f}, {100 * boot.ci_high:+.1f}]"
+    if seedwise is None:
+        return "–"
+    mean, std, n = seedwise
+    return f"{100 * mean:+.1f}" + (f" ± {100 * std:.1f}" if n > 1 else "")
+
+
+def _table(md: io.StringIO, title: str, columns: list[str], table: dict, arms: list[str], n_seeds: dict,
+           diffs: dict, boots: dict) -> None:
+    if not columns:
+        return
+    md.write(f"## {title}\n\n")
+    md.write("| arm | seeds | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2) + "\n")
+    for arm in arms:
+        md.write(f"| {label(arm)} | {n_seeds[arm]} | " + " | ".join(_fmt(table[arm].get(m)) for m in columns) + " |\n")
+    for arm, per_metric in diffs.items():
+        cells = [_fmt_diff(per_metric.get(m), boots.get(arm, {}).get(m)) for m in columns]
+        n = max((d[2] for d in per_metric.values() if d), default=0)
+        md.write(f"| **{arm} − {BASELINE}** | {n} | " + " | ".join(cells) + " |\n")
+    md.write("\n")
+
+
+def reliance_rows(p, layout) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{arm: {metric: (mean, std, n seeds)}} from the reliance stage's scores, where present."""
+    out = {}
+    for arm in p.study.arms:
+        per_seed = [numeric_scores(f) for s in p.study.seeds if (f := layout.reliance(arm, s) / "scores.json").is_file()]
+        if not per_seed:
+            continue
+        keys = sorted({k for s in per_seed for k in s})
+        out[arm] = {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+                    for k in keys if (v := [s[k] for s in per_seed if k in s])}
+    return out
+
+
+def _reliance_table(md: io.StringIO, rel: dict) -> list[str]:
+    keys = sorted({k for r in rel.values() for k in r if "/n_" not in k})
+    if not keys:
+        return []
+    md.write("## Image reliance after alignment\n\nMean over held-out caption tokens of log p(token | image, prefix) − "
+             "log p(token | prefix), in nats (mean ± std over seeds); content = tokens of content words "
+             "(colours, shapes, positions, counts, relations), style = all other tokens.\n\n")
+    md.write("| arm | " + " | ".join(k.removeprefix("reliance/") for k in keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n")
+    for arm, r in rel.items():
+        cells = [(f"{r[k][0]:.3f}" + (f" ± {r[k][1]:.3f}" if r[k][2] > 1 else "")) if k in r else "–" for k in keys]
+        md.write(f"| {arm} | " + " | ".join(cells) + " |\n")
+    md.write("\n")
+    return keys
+
+
+def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
+    """Write the comparison into out_dir. `log_parent(arm, seed, metrics)`, when given, logs each arm's
+    summary figures onto that arm's MLflow parent run for every seed."""
     rows = collect(p, layout)
     columns, table = summarise(rows)
     heads = headline_keys([c for c in columns if c != AVERAGE])
     arms = list(table)
-    diff_rows = {}
-    if "dpa" in rows and "vanilla" in rows:
+    n_seeds = {arm: max(c[2] for c in table[arm].values()) for arm in arms}
+    verdicts = collect_verdicts(p, layout)
+
+    # Every trained arm against Vanilla: the seed-wise paired difference and, where per-question
+    # verdicts exist, the bootstrap CI over questions and seeds.
+    others = [a for a in p.study.arms if a != BASELINE and a in rows] if BASELINE in rows else []
+    diffs: dict[str, dict] = {}
+    boots: dict[str, dict[str, PairedDifference]] = {}
+    for arm in others:
+        diffs[arm] = {}
         for m in columns:
             fn = (lambda s: statistics.fmean(s[k] for k in heads if k in s)) if m == AVERAGE else (lambda s, m=m: s.get(m, math.nan))
-            diff_rows[m] = paired_difference(rows, "dpa", "vanilla", fn)
+            diffs[arm][m] = paired_difference(rows, arm, BASELINE, fn)
+        boots[arm] = {m: b for m in columns if (b := bootstrap_pair(verdicts, arm, BASELINE, m)) is not None}
 
-    # Markdown: scores in percent, mean ± std over seeds.
+    gen_columns = [c for c in columns if not is_likelihood_key(c)]
+    lik_columns = [c for c in columns if is_likelihood_key(c)]
     md = io.StringIO()
-    n_seeds = {arm: max(c[2] for c in table[arm].values()) for arm in arms}
-    md.write(f"# DPA study: {p.profile} profile\n\nScores in %, mean ± std over seeds.\n\n")
-    md.write("| arm | seeds | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2) + "\n")
-    for arm in arms:
-        md.write(f"| {arm} | {n_seeds[arm]} | " + " | ".join(_fmt(table[arm].get(m)) for m in columns) + " |\n")
-    if diff_rows:
-        md.write("| **dpa − vanilla** | " + str(max(d[2] for d in diff_rows.values() if d)) + " | "
-                 + " | ".join(_fmt(diff_rows[m]) for m in columns) + " |\n")
-    md.write("\nArms: " + ", ".join(f"{a} (proxy={p.arms[a].proxy}, loss={p.arms[a].loss})"
-                                     for a in arms if a in p.arms) + ".\n")
+    md.write(f"# DPA study: {p.profile} profile\n\nScores in %, mean ± std over seeds. "
+             f"Differences: mean [95% bootstrap CI over questions and seeds, {N_RESAMPLES} resamples].\n\n")
+    _table(md, "Generation (greedy reply, option extracted)", gen_columns, table, arms, n_seeds, diffs, boots)
+    _table(md, "Likelihood (highest option-letter log-probability)", lik_columns, table, arms, n_seeds, diffs, boots)
 
-    # CSV (long and wide enough for any tool) and DVC metrics.
+    # The paired differences, one line per benchmark metric, with the verdict and the sizing figures.
+    stat_rows = []
+    if boots:
+        md.write(f"## Paired differences against {BASELINE}\n\n")
+        md.write("| pair | metric | difference | 95% CI | verdict | CI half-width | questions × seeds | discordant "
+                 f"| questions for ±{100 * TARGET_HALF_WIDTH:.0f} (one seed) |\n|" + "---|" * 9 + "\n")
+        for arm, per_metric in boots.items():
+            for m, b in per_metric.items():
+                # With no discordant question there is nothing to size the benchmark by.
+                need = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH) if b.discordance else None
+                stat_rows.append((arm, m, b, need))
+                md.write(f"| {arm} − {BASELINE} | {m} | {100 * b.mean:+.1f} | [{100 * b.ci_low:+.1f}, "
+                         f"{100 * b.ci_high:+.1f}] | {b.verdict(arm, BASELINE)} | {100 * b.half_width:.1f} | "
+                         f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} |\n")
+        head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads]
+        for arm, m, b, need in head:
+            sizing = (f"a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points at one seed needs about {need} questions "
+                      f"at the observed discordance ({100 * b.discordance:.1f}%)" if need else
+                      "no question was answered differently by the two arms, so the discordance that sizes the "
+                      "benchmark is unknown")
+            md.write(f"\n- {arm} − {BASELINE} on {m}: {b.verdict(arm, BASELINE)}; CI half-width "
+                     f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}.")
+        md.write("\n\n")
+
+    rel = reliance_rows(p, layout)
+    rel_keys = _reliance_table(md, rel)
+    md.write("Arms: " + ", ".join(f"{a} (proxy={p.arms[a].proxy}, loss={p.arms[a].loss})"
+                                  for a in arms if a in p.arms) + ".\n")
+
+    # CSV (long form) and DVC metrics.
     csv_buf = io.StringIO()
     w = csv.writer(csv_buf)
-    w.writerow(["arm", "metric", "mean", "std", "n_seeds"])
+    w.writerow(["arm", "metric", "mean", "std", "n_seeds", "ci_low", "ci_high", "verdict", "n_questions"])
     for arm in arms:
         for m in columns:
             if m in table[arm]:
-                w.writerow([arm, m, *table[arm][m]])
-    for m, d in diff_rows.items():
-        if d:
-            w.writerow(["dpa-vanilla", m, *d])
+                w.writerow([arm, m, *table[arm][m], "", "", "", ""])
+    for arm, per_metric in diffs.items():
+        for m, d in per_metric.items():
+            b = boots[arm].get(m)
+            if b is not None:
+                w.writerow([f"{arm}-{BASELINE}", m, b.mean, "", b.n_seeds, b.ci_low, b.ci_high,
+                            b.verdict(arm, BASELINE), b.n_questions])
+            elif d:
+                w.writerow([f"{arm}-{BASELINE}", m, *d, "", "", "", ""])
+    for arm, r in rel.items():
+        for k, cell in r.items():
+            w.writerow([arm, k, *cell, "", "", "", ""])
+
     metrics = {f"{arm}/{m}": table[arm][m][0] for arm in arms for m in columns if m in table[arm]}
-    metrics |= {f"dpa_minus_vanilla/{m}": d[0] for m, d in diff_rows.items() if d}
-    plot_rows = [{"arm": arm, "metric": m, "score": table[arm][m][0]} for arm in arms for m in columns if m in table[arm]]
+    metrics |= {f"{arm}/{m}/std": table[arm][m][1] for arm in arms for m in columns
+                if m in table[arm] and table[arm][m][2] > 1}
+    for arm in others:
+        key = f"{arm}_minus_{BASELINE}"
+        metrics |= {f"{key}/{m}": d[0] for m, d in diffs[arm].items() if d}
+        for m, b in boots[arm].items():
+            metrics |= {f"{key}/{m}": b.mean, f"{key}/{m}/ci_low": b.ci_low, f"{key}/{m}/ci_high": b.ci_high,
+                        f"{key}/{m}/inconclusive": int(b.inconclusive), f"{key}/{m}/n_questions": b.n_questions,
+                        f"{key}/{m}/discordance": b.discordance}
+            if b.discordance:
+                metrics[f"{key}/{m}/questions_for_2_points"] = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)
+    metrics |= {f"{arm}/{k}": cell[0] for arm, r in rel.items() for k, cell in r.items()}
+    plot_rows = [{"arm": label(arm), "metric": m, "score": table[arm][m][0]} for arm in arms for m in columns
+                 if m in table[arm]]
 
     with atomic_dir(out_dir) as tmp:
         write_text_atomic(tmp / "comparison.md", md.getvalue())
         write_text_atomic(tmp / "comparison.csv", csv_buf.getvalue())
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "plot.json", plot_rows)
-        chart(table, columns, tmp / "comparison.png", f"DPA study ({p.profile})")
+        chart(table, [*gen_columns, *lik_columns], boots, tmp / "comparison.png", f"DPA study ({p.profile})")
     print(md.getvalue(), flush=True)
-    return {"metrics": metrics, "markdown": md.getvalue(), "plot": plot_rows}
+
+    if log_parent is not None:
+        for arm in p.study.arms:
+            figures = {f"compare/{m}/mean": table[arm][m][0] for m in columns if m in table.get(arm, {})}
+            figures |= {f"compare/{m}/std": table[arm][m][1] for m in columns if m in table.get(arm, {})}
+            for m, b in boots.get(arm, {}).items():
+                figures |= {f"compare/minus_{BASELINE}/{m}/diff": b.mean, f"compare/minus_{BASELINE}/{m}/ci_low": b.ci_low,
+                            f"compare/minus_{BASELINE}/{m}/ci_high": b.ci_high,
+                            f"compare/minus_{BASELINE}/{m}/inconclusive": int(b.inconclusive)}
+            figures |= {f"compare/{k}/mean": cell[0] for k, cell in rel.get(arm, {}).items()}
+            for seed in p.study.seeds:
+                log_parent(arm, seed, figures)
+    return {"metrics": metrics, "markdown": md.getvalue(), "plot": plot_rows, "reliance_keys": rel_keys}
 
 
-def chart(table: dict, columns: list[str], path: Path, title: str) -> None:
+def chart(table: dict, columns: list[str], boots: dict, path: Path, title: str) -> None:
+    """Scores per arm (error bars: std over seeds) and, below, each arm minus Vanilla (error bars: 95% CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(table)
+    pairs = [(arm, m, b) for arm, per in boots.items() for m, b in per.items() if m in columns]
+    n_panels = 2 if pairs else 1
+    fig, axes = plt.subplots(n_panels, 1, figsize=(max(7, 0.9 * len(columns) + 2), 4.2 * n_panels), dpi=120,
+                             squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / max(len(arms), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) + 2), 4.2), dpi=120)
-    colours = {"dpa": "#1f77b4", "vanilla": "#ff7f0e", "reference": "#9e9e9e"}
+    fixed = {"dpa": "#1f77b4", BASELINE: "#ff7f0e", REFERENCE: "#9e9e9e", CEILING: "#2ca02c"}
+    spare = iter(["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"] * 4)
+    colours = {arm: fixed.get(arm) or next(spare) for arm in arms}
     for i, arm in enumerate(arms):
         xs = [c + (i - (len(arms) - 1) / 2) * width for c in range(len(columns))]
         means = [100 * table[arm].get(m, (math.nan, 0, 0))[0] for m in columns]
         stds = [100 * table[arm].get(m, (0, 0.0, 0))[1] for m in columns]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=arm, color=colours.get(arm))
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label(arm), color=colours[arm])
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("score (%)")
+    ax.set_ylabel("score (%), ± std over seeds")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    if pairs:
+        ax = axes[1][0]
+        others = list(boots)
+        width = 0.8 / max(len(others), 1)
+        for i, arm in enumerate(others):
+            per = boots[arm]
+            idx = [c for c, m in enumerate(columns) if m in per]
+            xs = [c + (i - (len(others) - 1) / 2) * width for c in idx]
+            mean = np.array([100 * per[columns[c]].mean for c in idx])
+            low = np.array([100 * per[columns[c]].ci_low for c in idx])
+            high = np.array([100 * per[columns[c]].ci_high for c in idx])
+            ax.errorbar(xs, mean, yerr=[mean - low, high - mean], fmt="o", capsize=3, label=f"{arm} − {BASELINE}",
+                        color=colours[arm])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("difference (points), 95% CI")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -33,6 +33,13 @@ class World:
     size: Literal["smoke", "default"] = "default"
     seed: int = 0
     out: str = "data/toyworld"
+    base_models: Optional[str] = None
+    verbose_style: float = 1.0
+
+    def check(self, key: str) -> None:
+        if not 0.0 <= self.verbose_style <= 1.0:
+            raise ParamsError(f"{key}.verbose_style must lie in 0..1 (got {self.verbose_style}).", file="params.yaml",
+                              fix="use 1 for the full florid register, 0 for plain sentences.")
 
 
 @dataclass
@@ -135,6 +142,7 @@ class Loss:
     window: int = 3
     smoothing: Literal["flat", "per_sequence"] = "flat"
     image_free: Literal["efficient", "reference"] = "efficient"
+    image_boundary: Literal["last_text", "image_position"] = "last_text"
     cmo_in_align: bool = True
     cmo_in_finetune: bool = True
 
@@ -176,6 +184,7 @@ class Train:
     save_steps: int = 200
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    group_by_modality_length: bool = False
 
     def check(self, key: str) -> None:
         _positive(self.learning_rate, f"{key}.learning_rate")
@@ -196,12 +205,21 @@ class Train:
 class Proxy:
     lora: Lora = field(default_factory=Lora)
     max_length: int = 128
+    sequence_end: Literal["eos", "newline"] = "eos"
     train: Train = field(default_factory=Train)
+
+    def check(self, key: str) -> None:
+        if self.train.group_by_modality_length:
+            raise ParamsError(f"{key}.train.group_by_modality_length: the proxy stage trains on text only, "
+                              "there is no modality to group by.", file="params.yaml",
+                              fix=f"set {key}.train.group_by_modality_length: false.")
 
 
 @dataclass
 class Align:
     max_length: int = 256
+    image_aspect_ratio: Literal["crop", "pad"] = "crop"
+    sequence_end: Literal["eos", "newline"] = "eos"
     train: Train = field(default_factory=Train)
 
 
@@ -210,7 +228,15 @@ class Finetune:
     tune: Literal["lora", "full"] = "lora"
     lora: Lora = field(default_factory=Lora)
     max_length: int = 256
+    image_aspect_ratio: Literal["crop", "pad"] = "crop"
+    image_first: bool = False
+    system_prompt: Optional[str] = None
+    connector_learning_rate: Optional[float] = None
     train: Train = field(default_factory=Train)
+
+    def check(self, key: str) -> None:
+        if self.connector_learning_rate is not None:
+            _positive(self.connector_learning_rate, f"{key}.connector_learning_rate")
 
 
 @dataclass
@@ -235,6 +261,25 @@ class Evaluate:
     limit: Optional[int] = None
     reference_row: bool = True
     lmu_data: Optional[str] = None
+
+
+@dataclass
+class Reliance:
+    captions: list[InstructionSource] = field(default_factory=list)  # held-out caption sets (LLaVA format)
+    content_words: Optional[str] = None  # JSON list of content words; None: the all-token mean only
+    limit: Optional[int] = None
+    batch_size: int = 16
+    max_length: int = 256
+
+    def check(self, key: str) -> None:
+        _positive(self.batch_size, f"{key}.batch_size")
+        _positive(self.max_length, f"{key}.max_length")
+        if self.limit is not None:
+            _positive(self.limit, f"{key}.limit")
+        names = [c.name for c in self.captions]
+        if len(set(names)) != len(names):
+            raise ParamsError(f"{key}.captions has duplicate names {names}.", file="params.yaml",
+                              fix="give each caption set a unique name (it names its metrics).")
 
 
 @dataclass
@@ -269,6 +314,7 @@ class Params:
     align: Align = field(default_factory=Align)
     finetune: Finetune = field(default_factory=Finetune)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    reliance: Reliance = field(default_factory=Reliance)
     tracking: Tracking = field(default_factory=Tracking)
     runtime: Runtime = field(default_factory=Runtime)
 
@@ -283,6 +329,16 @@ class Params:
                     raise ParamsError(f"arm {name!r} has proxy: {self.arms[name].proxy}, so it belongs in "
                                       f"study.{other}, not study.{group}.", file="params.yaml",
                                       fix=f"move {name!r} to study.{other}.")
+        root = Path(self.data.root).resolve()
+        for i, c in enumerate(self.reliance.captions):
+            for attr in ("path", "image_root"):
+                if not Path(getattr(c, attr)).resolve().is_relative_to(root):
+                    raise ParamsError(f"reliance.captions[{i}].{attr} = {getattr(c, attr)!r} is outside data.root "
+                                      f"({self.data.root}); DVC would not see changes to it.", file="params.yaml",
+                                      fix="move or symlink the held-out captions under data.root.")
+        if self.reliance.content_words and not Path(self.reliance.content_words).resolve().is_relative_to(root):
+            raise ParamsError(f"reliance.content_words = {self.reliance.content_words!r} is outside data.root "
+                              f"({self.data.root}).", file="params.yaml", fix="move the word list under data.root.")
         if self.runtime.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ParamsError("runtime.num_processes > 1 needs runtime.launcher: accelerate.", file="params.yaml",
                               fix="set launcher: accelerate, or num_processes: 1.")

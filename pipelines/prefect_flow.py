@@ -277,10 +277,10 @@ def expected_stages(p: Params) -> list[str]:
     """The DVC stage names dvc.yaml yields for validated params (same naming as DVC's matrix)."""
     s = p.study
     out = ["world", "mix", *[f"proxy@{x}" for x in s.seeds], *[f"diagnose@{x}" for x in s.seeds]]
-    for family in ("align", "finetune", "merge", "evaluate"):
+    for family in ("align", "reliance", "finetune", "merge", "evaluate"):
         out += [f"{family}_proxy@{a}-{x}" for a in s.proxy_arms for x in s.seeds]
         out += [f"{family}@{a}-{x}" for a in s.plain_arms for x in s.seeds]
-    return out + ["evaluate_reference", "compare"]
+    return out + ["evaluate_reference", "compare", "curves"]
 
 
 def stage_family(stage: str) -> str:

@@ -7,8 +7,9 @@ One function per stage, the same for DVC (`dpa stage NAME`) and for Prefect task
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +38,10 @@ class Layout:
     def merged(self, arm: str, seed: int) -> Path: return self.root / "merged" / f"{arm}-seed{seed}"
     def eval(self, arm: str, seed: int) -> Path: return self.root / "eval" / f"{arm}-seed{seed}"
     def eval_reference(self) -> Path: return self.root / "eval_reference"
+    def eval_ceiling(self) -> Path: return self.eval_reference() / "ceiling"
+    def reliance(self, arm: str, seed: int) -> Path: return self.root / "reliance" / f"{arm}-seed{seed}"
     def compare(self) -> Path: return self.root / "compare"
+    def curves(self) -> Path: return self.root / "plots"
 
     def metrics(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
         """DVC metrics file of a stage (outside its output dir: DVC outputs must not overlap)."""
@@ -91,16 +95,29 @@ class _NullRun(StageRun):
     def tag(self, *a, **k): pass
 
 
+def _parent(p: Params, stage: str, arm: str | None, seed: int | None) -> tuple[str, dict[str, str], dict]:
+    """Name, tags and params of the parent run a stage is nested under: `ARM-seedN` for an arm,
+    one `shared` run for the stages every arm shares (world, mix, proxy-seedN, diagnose-seedN),
+    and `study` for the comparison (its table and chart are that run's artifacts)."""
+    if arm is None:
+        kind = "study" if stage == "compare" else "shared"
+        return kind, {"dpa.profile": p.profile, "dpa.arm": kind}, {"profile": p.profile}
+    tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+    params = {"arm": arm, "seed": seed, "profile": p.profile}
+    if arm in p.arms:
+        params |= {"proxy": str(p.arms[arm].proxy).lower(), "loss": p.arms[arm].loss}
+    return f"{arm}-seed{seed}", tags, params
+
+
 @contextmanager
 def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: dict) -> Iterator[StageRun]:
-    """A nested MLflow run for this stage under its arm's parent run (no-op on non-main processes)."""
+    """A nested MLflow run for this stage under its parent run (no-op on non-main processes)."""
     tracker = _tracker(p)
     if tracker is None:
         yield _NullRun()
         return
     tags = _run_tags(p, arm, seed)
-    parent = tracker.parent_run(f"{arm}-seed{seed}" if arm else "shared",
-                                {k: v for k, v in tags.items() if not k.startswith("prefect.")})
+    parent = tracker.parent_run(*_parent(p, stage, arm, seed))
     name = stage if seed is None or arm else f"{stage}-seed{seed}"
     with tracker.stage_run(parent, name, {**tags, "dpa.stage": stage}) as run:
         run.params(params)
@@ -119,7 +136,8 @@ def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
         kind = "vanilla"
     l = p.loss
     return LossConfig(kind, delta_min=l.delta_min, delta_max=l.delta_max, cal_min=l.cal_min, cal_max=l.cal_max,
-                      window=l.window, smoothing=l.smoothing, image_free=l.image_free)
+                      window=l.window, smoothing=l.smoothing, image_free=l.image_free,
+                      image_boundary=l.image_boundary)
 
 
 def model_paths(p: Params):
@@ -167,7 +185,8 @@ def world(p: Params) -> StageOutput:
     from dpa_core.toyworld import build_world
 
     with tracked(p, "world", None, None, {"world": asdict(p.world)}) as run:
-        manifest = build_world(p.world.out, p.world.size, p.world.seed)
+        manifest = build_world(p.world.out, p.world.size, p.world.seed,
+                               overrides={"verbose_style": p.world.verbose_style}, base_models=p.world.base_models)
         gap = read_json(Path(p.world.out) / "metrics" / "prior_gap.json")
         timings = manifest.pop("timings_s", {})
         metrics = _numeric(gap, "prior_gap") | _numeric(manifest, "world")
@@ -183,7 +202,8 @@ def mix(p: Params) -> StageOutput:
     sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
     # Every data source of the study, instructions too: a bad instruction record stops the study
     # here, not at finetune after the proxy and both alignments ran.
-    check_sources([(Path(s.path), Path(s.image_root)) for s in p.data.instructions], image_token=p.model.image_token)
+    check_sources([(Path(s.path), Path(s.image_root)) for s in p.data.instructions], image_token=p.model.image_token,
+                  require_image=False)
     out = layout(p).mix()
     with tracked(p, "mix", None, None, {"mix": asdict(p.mix), "captions": [asdict(c) for c in p.data.captions]}) as run:
         stats = mix_captions(sources, out, total=p.mix.total, seed=p.mix.seed, dedup_records=p.mix.dedup)
@@ -202,7 +222,7 @@ def proxy(p: Params, seed: int) -> StageOutput:
     with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
         res = proxy_pretrain(Path(p.model.llm), corpus, out, lora=LoraSettings(**asdict(p.proxy.lora)),
                              settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
-                             callbacks=[MlflowStepLogger(run)])
+                             sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         _log_timings(p, run, res.timings, "proxy", None, seed)
         run.artifact(out)
@@ -251,12 +271,42 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
                           loss=lc, settings=train_settings(p.align, seed),
                           proxy_adapter=_require(layout(p).proxy(seed), "proxy") if use_proxy else None,
-                          max_length=p.align.max_length, callbacks=[MlflowStepLogger(run)])
+                          max_length=p.align.max_length, image_aspect_ratio=p.align.image_aspect_ratio,
+                          sequence_end=p.align.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         _log_timings(p, run, res.timings, "align", arm, seed)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
         return StageOutput("align", out, res.metrics)
+
+
+def reliance(p: Params, arm: str, seed: int) -> StageOutput:
+    """Image reliance of the aligned connector, with the LLM it was aligned against, on held-out captions."""
+    from dpa_core.io import atomic_dir
+    from dpa_core.reliance import CaptionSet, connector_reliance, flat_reliance
+
+    out = layout(p).reliance(arm, seed)
+    connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
+    r = p.reliance
+    sets = [CaptionSet(c.name, Path(c.path), Path(c.image_root)) for c in r.captions]
+    adapter = _require(layout(p).proxy(seed), "proxy") if p.arm(arm).proxy else None
+    with tracked(p, "reliance", arm, seed, {"reliance": asdict(r), "proxy": adapter is not None}) as run:
+        if sets:
+            result = connector_reliance(model_paths(p), connector, sets, proxy_adapter=adapter,
+                                        content_words_file=Path(r.content_words) if r.content_words else None,
+                                        batch_size=r.batch_size, max_length=r.max_length, limit=r.limit)
+        else:
+            print("[dpa] reliance: no held-out captions configured (reliance.captions); nothing measured.", flush=True)
+            result = {}
+        metrics = flat_reliance(result)
+        with atomic_dir(out) as tmp:
+            write_json_atomic(tmp / "scores.json", metrics)
+            write_json_atomic(tmp / "reliance.json", {"arm": arm, "seed": seed, "proxy": adapter is not None,
+                                                      "content_words": r.content_words, "sets": result})
+        write_json_atomic(layout(p).metrics("reliance", arm, seed), metrics)
+        run.metrics(metrics, on_parent=True)
+        run.artifact(out / "reliance.json")
+        return StageOutput("reliance", out, metrics)
 
 
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
@@ -268,9 +318,12 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
     lc = loss_config(p, arm, "finetune")
     with tracked(p, "finetune", arm, seed, {"finetune": asdict(p.finetune), "loss": asdict(lc)}) as run:
-        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=train_settings(p.finetune, seed),
+        settings = replace(train_settings(p.finetune, seed), connector_learning_rate=p.finetune.connector_learning_rate)
+        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=settings,
                              tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
-                             max_length=p.finetune.max_length, callbacks=[MlflowStepLogger(run)])
+                             max_length=p.finetune.max_length, image_aspect_ratio=p.finetune.image_aspect_ratio,
+                             image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         _log_timings(p, run, res.timings, "finetune", arm, seed)
         if p.finetune.tune == "lora":
@@ -295,17 +348,32 @@ def _benchmarks(p: Params) -> list[dict]:
     return [{k: v for k, v in asdict(b).items() if v is not None} for b in p.evaluate.benchmarks]
 
 
+def evaluation_settings(p: Params) -> dict:
+    """evaluate_all's settings from params.yaml (the evaluate stage and `dpa eval` share them)."""
+    return dict(batch_size=p.evaluate.batch_size, max_new_tokens=p.evaluate.max_new_tokens,
+                limit=p.evaluate.limit, lmu_data=p.evaluate.lmu_data)
+
+
 def _evaluate_dir(p: Params, model_dir: Path, out: Path, run: StageRun) -> dict:
     from dpa_core.evaluation import evaluate_all
 
-    scores = evaluate_all(model_dir, _benchmarks(p), out, batch_size=p.evaluate.batch_size,
-                          max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit,
-                          lmu_data=p.evaluate.lmu_data)
-    run.metrics(scores, on_parent=True)
+    scores = evaluate_all(model_dir, _benchmarks(p), out, **evaluation_settings(p))
+    run.metrics(scores)
+    run.metrics(headline_scores(scores), on_parent=True)  # the parent's columns: one score per benchmark
     for f in ("scores.json",):
         if (out / f).exists():
             run.artifact(out / f)
     return scores
+
+
+def headline_scores(scores: dict) -> dict[str, float]:
+    """One score per benchmark (its overall accuracy) and their mean, `average`, as in the comparison."""
+    from .compare import AVERAGE, headline_keys
+
+    numeric = {k: float(v) for k, v in scores.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
+    heads = headline_keys(numeric)
+    return {AVERAGE: sum(numeric[k] for k in heads) / len(heads), **{k: numeric[k] for k in heads}} if heads else {}
 
 
 def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
@@ -318,10 +386,13 @@ def evaluate(p: Params, arm: str, seed: int) -> StageOutput:
 
 
 def evaluate_reference(p: Params) -> StageOutput:
-    """The base models before any training (connector freshly initialised, seed 0) as a reference row."""
+    """The base models before any training (connector freshly initialised, seed 0) as a reference row,
+    and the text-oracle ceiling (the base LLM alone, told each scene in words) where a benchmark has
+    scene text."""
     import shutil
     import torch
 
+    from dpa_core.evaluation.evaluate_all import evaluate_text_oracles, text_oracle_specs
     from dpa_core.io import atomic_dir
     from dpa_core.modeling import build_llava, save_llava
 
@@ -330,18 +401,26 @@ def evaluate_reference(p: Params) -> StageOutput:
         with atomic_dir(out) as tmp:
             write_json_atomic(tmp / "scores.json", {"enabled": 0})
         return StageOutput("evaluate_reference", out, {})
+    paths = model_paths(p)
     with tracked(p, "evaluate", "reference", 0, {"evaluate": asdict(p.evaluate)}) as run:
         torch.manual_seed(0)
-        paths = model_paths(p)
         model, processor = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
                                        add_image_token=paths.add_image_token)
         model_dir = out.with_name(out.name + ".model")
         save_llava(model, processor, model_dir)
+        del model
         try:
             scores = _evaluate_dir(p, model_dir, out, run)
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)
-        return StageOutput("evaluate_reference", out, scores)
+    if text_oracle_specs(_benchmarks(p)):  # a benchmark TSV with a scene_text column
+        with tracked(p, "evaluate", "ceiling", 0, {"evaluate": asdict(p.evaluate), "text_oracle": True}) as run:
+            ceiling = evaluate_text_oracles(paths.llm, _benchmarks(p), layout(p).eval_ceiling(),
+                                            batch_size=p.evaluate.batch_size,
+                                            max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit)
+            run.metrics(ceiling, on_parent=True)
+            run.artifact(layout(p).eval_ceiling() / "scores.json")
+    return StageOutput("evaluate_reference", out, scores)
 
 
 def compare(p: Params) -> StageOutput:
@@ -349,13 +428,71 @@ def compare(p: Params) -> StageOutput:
 
     out = layout(p).compare()
     with tracked(p, "compare", None, None, {"study": asdict(p.study)}) as run:
-        result = build_comparison(p, layout(p), out)
+        result = build_comparison(p, layout(p), out, log_parent=_parent_logger(p))
         run.metrics(result["metrics"])
+        # The study run's columns: each arm's average minus Vanilla's, with its 95% CI (the rest is
+        # in its table and in the nested compare run).
+        diffs = [k for k in result["metrics"] if re.fullmatch(r"[^/]+_minus_[^/]+/average", k)]
+        run.metrics({k + tail: result["metrics"][k + tail] for k in diffs for tail in ("", "/ci_low", "/ci_high")
+                     if k + tail in result["metrics"]}, on_parent=True)
         write_json_atomic(layout(p).metrics("compare"), result["metrics"])
         write_json_atomic(layout(p).metrics("compare_plot"), result["plot"])
         for f in ("comparison.md", "comparison.csv", "comparison.png", "metrics.json"):
-            run.artifact(out / f)
+            run.artifact(out / f, on_parent=True)  # on the study-level run
+        if run.tracker is not None and run.tracker.active:
+            arm_keys = {k.split("/", 1)[1] for k in result["metrics"] if k.split("/", 1)[0] in p.study.arms}
+            run.tracker.save_runs_view([*headline_scores(dict.fromkeys(arm_keys, 0.0)), *diffs])
+            print(f"[dpa] MLflow: {run.tracker.runs_view_url()} (after `mlflow ui`, see README)", flush=True)
         return StageOutput("compare", out, result["metrics"])
+
+
+def _parent_logger(p: Params):
+    """Logs metrics straight onto an arm's parent run (the compare figures, beside its scores)."""
+    tracker = _tracker(p)
+    if tracker is None:
+        return None
+
+    def log(arm: str, seed: int, metrics: dict) -> None:
+        tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
+        StageRun(tracker, tracker.parent_run(f"{arm}-seed{seed}", tags), None).metrics(metrics)
+        tracker.report()
+        tracker.failures.clear()
+
+    return log
+
+
+def curve_records(history: list[dict], run: str, **fields) -> list[dict]:
+    """The per-step records of a training history, flat for a DVC plot: step, loss, learning_rate
+    and the mean token weight of the loss (CMO/CAL statistics; plain CE weighs every token 1)."""
+    rows = []
+    for rec in history:
+        if "loss" not in rec or "step" not in rec:
+            continue  # the Trainer's end-of-training summary
+        weight = next((v for k, v in rec.items() if k.endswith("/weight_mean")), 1.0)
+        rows.append({"run": run, **fields, "step": rec["step"], "loss": rec["loss"],
+                     "learning_rate": rec.get("learning_rate"), "weight_mean": weight})
+    return rows
+
+
+def curves(p: Params) -> StageOutput:
+    """Loss, learning rate and token-weight curves of every training stage, one file per stage with
+    every arm and seed in it (a `run` field per record): dvc.yaml's plots overlay the arms."""
+    from dpa_core.io import atomic_dir
+
+    lay, out = layout(p), layout(p).curves()
+    per_stage: dict[str, list[dict]] = {"proxy": [], "align": [], "finetune": []}
+    for seed in p.study.seeds:
+        per_stage["proxy"] += curve_records(read_json(_require(lay.proxy(seed) / "history.json", "proxy")),
+                                            f"proxy-seed{seed}", arm="proxy", seed=seed)
+        for arm in p.study.arms:
+            for stage in ("align", "finetune"):
+                d = lay.align(arm, seed) if stage == "align" else lay.finetune(arm, seed)
+                per_stage[stage] += curve_records(read_json(_require(d / "history.json", stage)),
+                                                  f"{arm}-seed{seed}", arm=arm, seed=seed)
+    with atomic_dir(out) as tmp:
+        for stage, rows in per_stage.items():
+            write_json_atomic(tmp / f"{stage}.json", rows)
+    return StageOutput("curves", out, {stage: len(rows) for stage, rows in per_stage.items()})
 
 
 def _numeric(d: dict, prefix: str) -> dict:
@@ -365,6 +502,8 @@ def _numeric(d: dict, prefix: str) -> dict:
 
 
 STAGES = {
-    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "finetune": finetune,
+    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
+    "finetune": finetune,
     "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
+    "curves": curves,
 }

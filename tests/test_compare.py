@@ -17,8 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_scores(layout: Layout, arm: str, seed: int, scores: dict) -> None:
     d = layout.eval(arm, seed)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "scores.json").write_text(json.dumps(scores))
+
+
+def test_average_only_over_rows_with_every_benchmark(tmp_path):
+    """The ceiling has no text benchmark: an average over fewer benchmarks would not be comparable."""
+    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": True})
+    lay = Layout(tmp_path / "outputs")
+    write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "text_facts/acc": 0.4})
+    write_scores(lay, "vanilla", 0, {"toy_mcq/overall": 0.5, "text_facts/acc": 0.3})
+    lay.eval_ceiling().mkdir(parents=True)
+    (lay.eval_ceiling() / "scores.json").write_text(json.dumps({"toy_mcq/overall": 0.9}))
+    m = build_comparison(p, lay, lay.compare())["metrics"]
+    assert m["dpa/average"] == pytest.approx(0.5) and "ceiling/average" not in m
+    assert m["ceiling/toy_mcq/overall"] == 0.9
 
 
 def test_table_means_spread_and_difference(tmp_path):
@@ -51,3 +64,125 @@ def test_missing_scores_say_which_arm(tmp_path):
     with pytest.raises(Exception, match="no scores for arm 'vanilla' seed 0"):
         build_comparison(p, lay, lay.compare())
     assert not lay.compare().exists()
+
+
+# ---- paired differences with bootstrap CIs, ceiling/reference rows, reliance ----------------------
+
+import numpy as np
+
+from dpa_core.evaluation.paired import paired_bootstrap, questions_needed
+from pipelines.compare import headline_keys
+
+
+def write_predictions(layout: Layout, arm: str, seed: int, verdicts: list[tuple[str, bool, bool]]) -> dict:
+    """predictions.jsonl of toy_mcq (category, generation correct, likelihood correct) and the matching scores."""
+    d = layout.eval(arm, seed) / "toy_mcq"
+    d.mkdir(parents=True)
+    with open(d / "predictions.jsonl", "w") as f:
+        for i, (cat, gen, lik) in enumerate(verdicts):
+            f.write(json.dumps({"index": str(i), "category": cat, "prediction": "A", "extracted": "A", "answer": "A",
+                                "correct": gen, "unparsed": False, "lik_choice": "A", "lik_correct": lik}) + "\n")
+    scores = {"toy_mcq/overall": np.mean([v[1] for v in verdicts]), "toy_mcq/lik/overall": np.mean([v[2] for v in verdicts])}
+    for cat in {v[0] for v in verdicts}:
+        scores[f"toy_mcq/{cat}"] = np.mean([v[1] for v in verdicts if v[0] == cat])
+        scores[f"toy_mcq/lik/{cat}"] = np.mean([v[2] for v in verdicts if v[0] == cat])
+    write_scores(layout, arm, seed, {k: float(v) for k, v in scores.items()})
+    return scores
+
+
+def test_paired_bootstrap_basics():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=(3, 400))
+    same = paired_bootstrap(a, a)
+    assert (same.mean, same.ci_low, same.ci_high, same.discordance) == (0.0, 0.0, 0.0, 0.0) and same.inconclusive
+    always = paired_bootstrap(np.ones((2, 50)), np.zeros((2, 50)))
+    assert always.ci_low == always.ci_high == 1.0 and always.verdict("dpa", "vanilla") == "dpa better"
+    b = rng.integers(0, 2, size=(3, 400))
+    one, two = paired_bootstrap(a, b, seed=0), paired_bootstrap(a, b, seed=0)
+    assert one == two  # seeded
+    assert one.ci_low < one.mean < one.ci_high and one.n_questions == 400 and one.n_seeds == 3
+    # Random independent verdicts, discordance about 0.5: the normal approximation over all 1200 cells
+    # gives 1.96 * sqrt(0.5 / 1200) = 4.0 points. Resampling seeds and questions both counts the cell
+    # noise about twice (conservative: about sqrt(2) x 4.0 = 5.7 points).
+    assert 0.045 < one.half_width < 0.075
+    single = paired_bootstrap(a[:1], b[:1])  # one seed: the questions' bootstrap alone, 1.96 * sqrt(0.5 / 400)
+    assert single.half_width == pytest.approx(0.069, rel=0.15)
+
+
+def test_questions_needed_formula():
+    assert questions_needed(0.5, 0.0, 0.02) == 4802  # ceil(1.96^2 / 0.02^2 * 0.5)
+    assert questions_needed(0.2, 0.1, 0.02) == 1825  # variance 0.2 - 0.01 = 0.19
+    assert questions_needed(0.0) == 1
+    # the formula's half-width is what the bootstrap gives at that size (one seed, 10% discordant pairs)
+    n = questions_needed(0.1, 0.0, 0.02)
+    a = np.zeros((1, n))
+    b = np.zeros((1, n))
+    a[0, : n // 20], b[0, n // 20 : n // 10] = 1, 1
+    assert paired_bootstrap(a, b).half_width == pytest.approx(0.02, rel=0.1)
+
+
+def test_headline_keys_leave_likelihood_out_of_the_average():
+    keys = ["toy_mcq/overall", "toy_mcq/color", "toy_mcq/lik/overall", "toy_mcq/lik/color", "text_facts/acc"]
+    assert headline_keys(keys) == ["toy_mcq/overall", "text_facts/acc"]
+
+
+def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
+    p = load_params(ROOT / "params.yaml", {"study.seeds": [0, 1], "study.plain_arms": ["vanilla", "cal"]})
+    lay = Layout(tmp_path / "outputs")
+    rng = np.random.default_rng(0)
+    n = 300
+    for seed in (0, 1):
+        base = rng.random(2 * n) < 0.5
+        # color: dpa right everywhere, vanilla on half; shape: the very same verdicts for all arms
+        write_predictions(lay, "vanilla", seed, [("color", bool(b), bool(b)) for b in base[:n]]
+                          + [("shape", bool(b), bool(b)) for b in base[n:]])
+        write_predictions(lay, "dpa", seed, [("color", True, bool(b)) for b in base[:n]]
+                          + [("shape", bool(b), bool(b)) for b in base[n:]])
+        write_predictions(lay, "cal", seed, [("color", bool(b), bool(b)) for b in base[:n]]
+                          + [("shape", bool(b), bool(b)) for b in base[n:]])
+    lay.eval_reference().mkdir(parents=True)
+    (lay.eval_reference() / "scores.json").write_text(json.dumps({"toy_mcq/overall": 0.26, "toy_mcq/lik/overall": 0.25}))
+    lay.eval_ceiling().mkdir(parents=True)
+    (lay.eval_ceiling() / "scores.json").write_text(json.dumps({"toy_mcq/overall": 0.9, "toy_mcq/lik/overall": 0.95,
+                                                                "meta/toy_mcq/n": 600}))
+    for arm in ("dpa", "vanilla", "cal"):
+        for seed in (0, 1):
+            lay.reliance(arm, seed).mkdir(parents=True)
+            (lay.reliance(arm, seed) / "scores.json").write_text(json.dumps(
+                {"reliance/verbose/content": 0.5 + seed, "reliance/verbose/style": 0.1, "reliance/verbose/n_tokens": 9}))
+    logged = []
+    res = build_comparison(p, lay, lay.compare(), log_parent=lambda arm, seed, m: logged.append((arm, seed, m)))
+    m = res["metrics"]
+    md = res["markdown"]
+    # dpa is better on color in both modes? generation only: likelihood verdicts are vanilla's
+    assert m["dpa_minus_vanilla/toy_mcq/color/ci_low"] > 0 and m["dpa_minus_vanilla/toy_mcq/color/inconclusive"] == 0
+    assert m["dpa_minus_vanilla/toy_mcq/shape"] == 0.0 and m["dpa_minus_vanilla/toy_mcq/shape/inconclusive"] == 1
+    assert "dpa_minus_vanilla/toy_mcq/shape/questions_for_2_points" not in m  # no discordant question: no sizing
+    assert m["dpa_minus_vanilla/toy_mcq/color/questions_for_2_points"] == questions_needed(
+        m["dpa_minus_vanilla/toy_mcq/color/discordance"], m["dpa_minus_vanilla/toy_mcq/color"])
+    assert m["dpa_minus_vanilla/toy_mcq/lik/color"] == 0.0
+    assert m["dpa_minus_vanilla/toy_mcq/color/n_questions"] == n
+    lo, hi = m["dpa_minus_vanilla/toy_mcq/overall/ci_low"], m["dpa_minus_vanilla/toy_mcq/overall/ci_high"]
+    assert lo < m["dpa_minus_vanilla/toy_mcq/overall"] < hi
+    # the bootstrap's mean difference is the difference of the accuracies
+    assert m["dpa_minus_vanilla/toy_mcq/overall"] == pytest.approx(m["dpa/toy_mcq/overall"] - m["vanilla/toy_mcq/overall"])
+    assert m["cal_minus_vanilla/toy_mcq/overall"] == 0.0  # every non-reference arm against vanilla
+    assert "| dpa − vanilla | toy_mcq/color |" in md and "dpa better" in md and "inconclusive" in md
+    assert "| cal − vanilla | toy_mcq/overall |" in md
+    assert "questions at the observed discordance" in md and f"over {2 * n} questions × 2 seed(s)" in md
+    assert "no question was answered differently" in md  # cal − vanilla: identical verdicts
+    assert "| ceiling (text oracle) | 1 | 90.0 | 90.0 |" in md and "| reference (untrained connector) | 1 | 26.0 |" in md
+    assert m["ceiling/toy_mcq/lik/overall"] == 0.95
+    # the average is over generation headlines only (one benchmark here): it equals toy_mcq/overall
+    assert m["dpa/average"] == pytest.approx(m["dpa/toy_mcq/overall"])
+    assert "## Likelihood" in md and "## Image reliance" in md
+    assert m["dpa/reliance/verbose/content"] == pytest.approx(1.0) and "1.000 ± 0.707" in md
+    rows = list(csv.DictReader((lay.compare() / "comparison.csv").open()))
+    color = next(r for r in rows if r["arm"] == "dpa-vanilla" and r["metric"] == "toy_mcq/color")
+    assert color["verdict"] == "dpa better" and int(color["n_questions"]) == n
+    # the figures go onto every seed's parent run of every arm
+    assert {(a, s) for a, s, _ in logged} == {(a, s) for a in ("dpa", "vanilla", "cal") for s in (0, 1)}
+    dpa0 = next(f for a, s, f in logged if (a, s) == ("dpa", 0))
+    assert dpa0["compare/minus_vanilla/toy_mcq/color/ci_low"] > 0
+    assert dpa0["compare/toy_mcq/overall/mean"] == pytest.approx(m["dpa/toy_mcq/overall"])
+    assert (lay.compare() / "comparison.png").read_bytes()[:4] == b"\x89PNG"

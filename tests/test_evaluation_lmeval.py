@@ -1,4 +1,4 @@
-"""Text abilities through lm-eval: LLM extraction from a Llava checkpoint, the local multiple-choice
+"""Text abilities through lm-eval: the LLM of a Llava checkpoint (extracted, or built in memory), the local multiple-choice
 task, a tiny LLM trained here that must beat chance, and named hub tasks skipped offline."""
 
 from __future__ import annotations
@@ -132,6 +132,31 @@ def test_chat_prompt_and_sentence_choices(fact_llm_tokenizer_dir, tmp_path):
     assert data[0]["choices"] == ["bodak lives in marn.", "bodak lives in vell."] and data[0]["answer"] == 1
 
 
+def test_llava_llm_is_evaluated_in_memory(tiny_llava_dir, tmp_path, monkeypatch):
+    """lm-eval gets the Llava checkpoint's LLM as a model instance: no copy of it is written."""
+    import lm_eval
+    from transformers import PreTrainedModel
+
+    from dpa_core.evaluation.lmeval_runner import load_causal_lm
+
+    def no_save(*a, **k):
+        raise AssertionError("a model was written to disk during evaluation")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_save)
+    seen = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda model, **kw: seen.append(model) or real(model=model, **kw))
+    facts = write_facts(tmp_path / "facts.jsonl")
+    metrics = evaluate_lmeval(tiny_llava_dir, tmp_path / "out", name="facts", path=facts, offline=True,
+                              device="cpu", limit=4)
+    assert 0.0 <= metrics["facts/acc"] <= 1.0 and metrics["meta/facts/n"] == 4
+    hflm = seen[0]
+    assert isinstance(hflm.model, PreTrainedModel) and not isinstance(hflm, str)
+    assert type(hflm.model).__name__ == "Qwen2ForCausalLM"
+    model, _ = load_causal_lm(tiny_llava_dir, "cpu")
+    assert torch.equal(model.get_input_embeddings().weight, hflm.model.get_input_embeddings().weight)
+
+
 @pytest.fixture
 def fact_llm_tokenizer_dir(tmp_path) -> Path:
     fact_tokenizer(tmp_path / "tok")
@@ -153,7 +178,7 @@ def test_trained_llm_beats_chance(fact_llm, tmp_path):
 
 @pytest.mark.slow
 def test_llava_llm_scores_like_its_base(fact_llm, tmp_path):
-    """The same LLM inside a Llava checkpoint (extracted at run time) scores exactly as the base LLM."""
+    """The same LLM inside a Llava checkpoint (built in memory at run time) scores exactly as the base LLM."""
     from dpa_core.modeling import build_llava, save_llava
 
     facts = write_facts(tmp_path / "facts.jsonl")

@@ -1,4 +1,4 @@
-"""CMO / CAL / vanilla losses against values computed by hand (see /work/shared/method.md).
+"""CMO / CAL / vanilla losses against values computed by hand (see docs/method.md).
 
 The hand examples use batch 2, sequence 4, vocabulary 3. Logits are log-probabilities chosen
 by hand, so softmax gives back exactly the probabilities written in the test; every delta,

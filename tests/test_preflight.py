@@ -154,7 +154,8 @@ def _world(data, tmp_path, bad_instruction: bool):
         inst.append({**inst[0], "id": "late-bad", "image": "missing.png"})
     (root / "inst.json").write_text(json.dumps(inst))
     src = lambda n: {"name": n, "path": str(root / f"{n}.json"), "image_root": str(root / "images")}  # noqa: E731
-    return {"data.root": str(root), "data.captions": [src("terse"), src("verbose")],
+    return {"data.root": str(root), "data.captions": [src("terse"), src("verbose")], "reliance.captions": [],
+            "reliance.content_words": None,
             "data.instructions": [{"name": "inst", "path": str(root / "inst.json"), "image_root": str(root / "images")}]}
 
 

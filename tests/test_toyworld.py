@@ -117,7 +117,7 @@ def test_training_records_are_well_formed(world):
 
 def test_benchmark_formats(world):
     rows = read_tsv(world / "bench/toy_mcq.tsv")
-    assert list(rows[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
+    assert list(rows[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text"]
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
     assert {r["category"] for r in rows} == {"color", "shape", "position", "count", "relation"}
     for r in rows:
@@ -190,3 +190,57 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         build_world(tmp_path / "world", "smoke", seed=0, overrides=FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shipped_base_models_are_reused(world, tmp_path):
+    """Base models built once (as the project ships them) give a world whose data equals a full
+    build's and whose models are byte copies; another seed or size is refused with the fix."""
+    from dpa_core.toyworld import build_base_models
+
+    base = tmp_path / "base"
+    shipped = build_base_models(base, "smoke", seed=0, overrides=FAST)
+    assert "--base-models-only" in shipped["command"] and len(shipped["fingerprint"]) == 64
+    reused = tmp_path / "reused"
+    manifest = build_world(reused, "smoke", seed=0, overrides=FAST, base_models=base)
+    assert manifest["base_models"]["source"] == str(base)
+    assert data_digest(reused) == data_digest(world)
+    for rel in ("llm/model.safetensors", "llm/tokenizer.json", "clip/model.safetensors"):
+        assert (reused / "models" / rel).read_bytes() == (base / rel).read_bytes()
+    # A data-only setting (the style dial) reuses the same models ...
+    build_world(tmp_path / "plain", "smoke", seed=0, overrides={**FAST, "verbose_style": 0.0}, base_models=base)
+    # ... a setting the models depend on does not.
+    for seed, overrides in [(1, FAST), (0, {**FAST, "llm_hidden": 32})]:
+        with pytest.raises(DPAInputError, match="built for another world") as err:
+            build_world(tmp_path / f"bad{seed}", "smoke", seed=seed, overrides=overrides, base_models=base)
+        assert "--base-models-only" in str(err.value)
+    with pytest.raises(DPAInputError, match="no base models"):
+        build_world(tmp_path / "none", "smoke", seed=0, overrides=FAST, base_models=tmp_path / "missing")
+    assert not (tmp_path / "bad1").exists() and not (tmp_path / "none").exists()
+
+
+def test_verbose_style_dial_keeps_content(tmp_path):
+    """The dial removes style words from the verbose captions and nothing else: the content words,
+    in order, and every other data file stay the same."""
+    import re
+
+    from dpa_core.toyworld.datasets import make_world_data
+    from dpa_core.toyworld.scenes import CONTENT_WORDS
+
+    full = make_world_data(resolve_size("smoke"), 0)
+    plain = make_world_data(resolve_size("smoke", {"verbose_style": 0.0}), 0)
+    half = make_world_data(resolve_size("smoke", {"verbose_style": 0.5}), 0)
+
+    def words(rec):
+        return re.findall(r"[a-z]+", rec["conversations"][1]["value"].lower())
+
+    assert plain.captions["terse"] == full.captions["terse"] and plain.instruct == full.instruct
+    assert plain.bench_rows == full.bench_rows
+    style_words = {"behold", "verily", "forsooth", "doth", "resplendent", "majesty", "canvas", "marvel", "splendour"}
+    n_style = {}
+    for name, data in (("full", full), ("half", half), ("plain", plain)):
+        n_style[name] = sum(w in style_words for r in data.captions["verbose"] for w in words(r))
+        for a, b in zip(data.captions["verbose"], full.captions["verbose"]):
+            assert [w for w in words(a) if w in CONTENT_WORDS] == [w for w in words(b) if w in CONTENT_WORDS]
+    assert n_style["plain"] == 0 < n_style["half"] < n_style["full"]
+    with pytest.raises(DPAInputError):
+        resolve_size("smoke", {"verbose_style": 1.5})

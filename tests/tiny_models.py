@@ -83,3 +83,42 @@ def make_images(root: Path, n: int = 6, seed: int = 0) -> list[str]:
         Image.fromarray(arr).save(root / name)
         names.append(name)
     return names
+
+
+# LLaVA-1.5's conversation format (USER: <image>\n... ASSISTANT: ...), as llava-hf processors carry it.
+LLAVA_15_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def make_stock_llava(out: Path, chat_template: bool = True, seed: int = 0) -> Path:
+    """A tiny checkpoint in the llava-hf layout (LlavaForConditionalGeneration + LlavaProcessor,
+    Llama LLM, CLIP vision tower), built from configs as llava-hf's conversion script builds the
+    real ones: not through this project's build_llava."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    out = Path(out)
+    tok = make_tokenizer(out / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                           crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>", chat_template=LLAVA_15_TEMPLATE if chat_template else None)
+    if not chat_template:
+        processor.tokenizer.chat_template = None
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

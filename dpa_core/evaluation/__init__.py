@@ -5,8 +5,8 @@ vlmeval benchmark runs, lm-eval only when an lmeval benchmark runs. See docs/eva
 """
 
 from .answer_extraction import extract_option, match_short_answer
-from .builtin_scorer import evaluate_tsv
-from .evaluate_all import evaluate_all
+from .builtin_scorer import evaluate_text_oracle, evaluate_tsv
+from .evaluate_all import evaluate_all, evaluate_text_oracles
 from .lm_extraction import extract_language_model
 from .lmeval_runner import evaluate_lmeval
 from .skips import BenchmarkSkipped
@@ -16,6 +16,8 @@ __all__ = [
     "BenchmarkSkipped",
     "evaluate_all",
     "evaluate_lmeval",
+    "evaluate_text_oracle",
+    "evaluate_text_oracles",
     "evaluate_tsv",
     "evaluate_vlmeval",
     "extract_language_model",

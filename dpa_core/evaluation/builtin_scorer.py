@@ -1,10 +1,20 @@
 """The built-in scorer: a Llava checkpoint answers a VLMEvalKit-format TSV benchmark; replies are
 extracted and scored here, without VLMEvalKit.
 
+Multiple choice is scored by generation + extraction ("<name>/overall", "<name>/<category>") and,
+when the model gives log-probabilities, by likelihood ("<name>/lik/overall", "<name>/lik/<category>":
+the option letter with the highest log-probability at the answer position, one batched forward).
+
 Writes into out_dir (atomically: all files or none):
-  scores.json       flat numeric metrics "<name>/overall", "<name>/<category>", "meta/<name>/n", ...
-  summary.json      {"benchmark", "kind", "overall", "by_category", "n", "n_correct", "n_unparsed", ...}
-  predictions.jsonl one line per question: index, category, prediction, extracted, answer, correct, unparsed
+  scores.json       flat numeric metrics "<name>/overall", "<name>/<category>", "<name>/lik/...",
+                    "meta/<name>/n", ...
+  summary.json      {"benchmark", "kind", "overall", "by_category", "n", "n_correct", "n_unparsed",
+                    "likelihood": {"overall", "by_category", "n_correct"}, ...}
+  predictions.jsonl one line per question: index, category, prediction, extracted, answer, correct, unparsed,
+                    and for likelihood scoring lik_choice, lik_correct, lik_logprobs
+
+`evaluate_text_oracle` asks a plain LLM the same questions with the scene given as text (the TSV's
+scene_text column) instead of the image: the text-oracle ceiling.
 """
 
 from __future__ import annotations
@@ -18,10 +28,11 @@ from typing import Callable
 
 from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, flatten_summary, meta_key
-from .llava_generation import GenerationRequest, LlavaGenerator
+from ..errors import DPAInputError
+from .llava_generation import GenerationRequest, LlavaGenerator, TextChatModel
 from .prompts import item_prompt
 from .scoring import ScoredItem, score_benchmark, summarize
-from .tsv_benchmark import TsvBenchmark, load_item_images, read_tsv_benchmark
+from .tsv_benchmark import MCQ, TsvBenchmark, load_item_images, read_tsv_benchmark
 
 # Answers a list of requests: LlavaGenerator, or any callable with the same signature (tests pass a fake).
 GenerateFn = Callable[..., list[str]]
@@ -32,10 +43,28 @@ def benchmark_requests(bench: TsvBenchmark) -> list[GenerationRequest]:
             for it in bench.items]
 
 
+def text_oracle_requests(bench: TsvBenchmark) -> list[GenerationRequest]:
+    """The MLLM's prompt with the scene as text before it, and no image."""
+    missing = [it.index for it in bench.items if not it.scene_text]
+    if missing:
+        raise DPAInputError(f"{len(missing)} row(s) have no scene_text (first: {missing[0]!r}).", file=bench.path,
+                            record=missing[0], fix="fill the scene_text column for every row (the toy world "
+                            "writes it), or leave the column out to skip the text-oracle ceiling.")
+    return [GenerationRequest(f"{it.scene_text}\n{item_prompt(it)}") for it in bench.items]
+
+
+def has_scene_text(tsv_path: str | os.PathLike) -> bool:
+    """Whether a benchmark TSV carries the scene as text (the header has a scene_text column)."""
+    with open(tsv_path, encoding="utf-8") as f:
+        return "scene_text" in f.readline().rstrip("\n").split("\t")
+
+
 def write_scored_outputs(out_dir: str | os.PathLike, summary: dict, scored: list[ScoredItem]) -> dict:
     metrics = flatten_summary(summary)
     if "generation" in summary:
         metrics[meta_key(summary["benchmark"], "seconds")] = summary["generation"]["seconds"]
+    if "likelihood" in summary and "seconds" in summary["likelihood"]:
+        metrics[meta_key(summary["benchmark"], "lik_seconds")] = summary["likelihood"]["seconds"]
     metrics = check_flat(metrics)
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -44,6 +73,31 @@ def write_scored_outputs(out_dir: str | os.PathLike, summary: dict, scored: list
         write_json_atomic(tmp / "summary.json", summary)
         write_json_atomic(tmp / "scores.json", metrics)
     return metrics
+
+
+def _answer_and_score(bench: TsvBenchmark, requests: list[GenerationRequest], generate, out_dir, *,
+                      batch_size: int, max_new_tokens: int, likelihood: bool | None, extra: dict) -> dict:
+    start = time.perf_counter()
+    replies = generate(requests, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=bench.name)
+    seconds = time.perf_counter() - start
+    # Likelihood needs the model's log-probabilities: real models give them, a scripted stand-in may not.
+    if likelihood is None:
+        likelihood = hasattr(generate, "option_logprobs")
+    logprobs, lik_seconds = None, None
+    if likelihood and bench.kind == MCQ:
+        start = time.perf_counter()
+        letters = [list(it.options) for it in bench.items]
+        found = generate.option_logprobs(requests, letters, batch_size=batch_size, desc=f"{bench.name} (likelihood)")
+        logprobs = {it.index: lp for it, lp in zip(bench.items, found, strict=True)}
+        lik_seconds = time.perf_counter() - start
+    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies, strict=True)}, logprobs)
+    summary = summarize(bench.name, bench.kind, scored) | extra | {
+        "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "greedy": True,
+                       "seconds": round(seconds, 3)},
+    }
+    if "likelihood" in summary:
+        summary["likelihood"] |= {"batch_size": batch_size, "seconds": round(lik_seconds, 3)}
+    return write_scored_outputs(out_dir, summary, scored)
 
 
 def evaluate_tsv(
@@ -57,23 +111,40 @@ def evaluate_tsv(
     device: str = "auto",
     limit: int | None = None,
     generator: GenerateFn | None = None,
+    likelihood: bool | None = None,
 ) -> dict:
     """Answer and score one TSV benchmark; returns the flat metrics also written to out_dir/scores.json.
 
     `generator` reuses an already loaded model (evaluate_all passes one LlavaGenerator to every
-    built-in benchmark); without it the model is loaded from `model_dir`.
+    built-in benchmark); without it the model is loaded from `model_dir`. `likelihood`: also score
+    multiple choice by the option letters' log-probabilities (None: whenever the generator can).
     """
     bench = read_tsv_benchmark(tsv_path, name=name, limit=limit)
     generate = generator if generator is not None else LlavaGenerator(model_dir, device=device)
-    start = time.perf_counter()
-    replies = generate(benchmark_requests(bench), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       desc=bench.name)
-    seconds = time.perf_counter() - start
-    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies, strict=True)})
-    summary = summarize(bench.name, bench.kind, scored) | {
-        "tsv": str(Path(tsv_path).resolve()),
-        "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None,
-        "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "greedy": True,
-                       "seconds": round(seconds, 3)},
-    }
-    return write_scored_outputs(out_dir, summary, scored)
+    extra = {"tsv": str(Path(tsv_path).resolve()),
+             "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None}
+    return _answer_and_score(bench, benchmark_requests(bench), generate, out_dir, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, likelihood=likelihood, extra=extra)
+
+
+def evaluate_text_oracle(
+    llm_dir: str | os.PathLike | None,
+    tsv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    device: str = "auto",
+    limit: int | None = None,
+    generator: GenerateFn | None = None,
+) -> dict:
+    """The text-oracle ceiling: the LLM alone (no image) answers each question with the row's scene_text
+    before the same prompt the MLLM gets, scored in both modes; same files and keys as evaluate_tsv."""
+    bench = read_tsv_benchmark(tsv_path, name=name, limit=limit)
+    requests = text_oracle_requests(bench)
+    generate = generator if generator is not None else TextChatModel(llm_dir, device=device)
+    extra = {"tsv": str(Path(tsv_path).resolve()), "llm_dir": str(Path(llm_dir).resolve()) if llm_dir else None,
+             "text_oracle": True}
+    return _answer_and_score(bench, requests, generate, out_dir, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, likelihood=None, extra=extra)

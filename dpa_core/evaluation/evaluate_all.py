@@ -7,7 +7,7 @@ out_dir/ (written atomically)
   <name>/          that benchmark's own files (scores.json, summary.json, predictions...)
 
 The image benchmarks (builtin_tsv, vlmeval) share one loaded model; the text benchmarks (lmeval)
-run afterwards on the LLM extracted once, after the Llava model is freed.
+run afterwards on the LLM, built once in memory after the Llava model is freed.
 The same call scores the base models (reference row): pass a Llava directory built from them.
 """
 
@@ -23,10 +23,10 @@ import torch
 
 from ..io import atomic_dir, write_json_atomic
 from .benchmark_specs import BenchmarkSpec, parse_specs
-from .builtin_scorer import evaluate_tsv
+from .builtin_scorer import evaluate_text_oracle, evaluate_tsv, has_scene_text
 from .flat_metrics import check_flat, meta_key
-from .llava_generation import LlavaGenerator, check_llava_dir
-from .lmeval_runner import causal_lm_dir, evaluate_lmeval
+from .llava_generation import LlavaGenerator, TextChatModel, check_llava_dir
+from .lmeval_runner import evaluate_lmeval, load_causal_lm
 from .skips import BenchmarkSkipped
 from .vlmeval_runner import evaluate_vlmeval
 
@@ -112,14 +112,56 @@ def evaluate_all(
         shared.release()
         text_specs = [s for s in specs if s.kind == "lmeval"]
         if text_specs:
-            with causal_lm_dir(model_dir) as lm_dir:
-                for spec in text_specs:
-                    run(spec, lambda s=spec: evaluate_lmeval(
-                        lm_dir, tmp / s.name, name=s.name, path=s.path, task=s.task,
-                        batch_size=s.option("batch_size", batch_size), device=device,
-                        limit=s.option("limit", limit), offline=offline, num_fewshot=s.option("num_fewshot"),
-                        **({"prompt": s.option("prompt")} if s.option("prompt") else {})))
+            language_model = load_causal_lm(model_dir, device)
+            for spec in text_specs:
+                run(spec, lambda s=spec: evaluate_lmeval(
+                    model_dir, tmp / s.name, name=s.name, path=s.path, task=s.task,
+                    batch_size=s.option("batch_size", batch_size), device=device,
+                    limit=s.option("limit", limit), offline=offline, num_fewshot=s.option("num_fewshot"),
+                    language_model=language_model,
+                    **({"prompt": s.option("prompt")} if s.option("prompt") else {})))
+            del language_model
         scores[meta_key("evaluate", "n_skipped")] = sum(r["status"] == "skipped" for r in report)
         write_json_atomic(tmp / "report.json", {"model_dir": str(model_dir.resolve()), "benchmarks": report})
+        write_json_atomic(tmp / "scores.json", check_flat(scores))
+    return scores
+
+
+def text_oracle_specs(benchmarks: list[dict]) -> list[BenchmarkSpec]:
+    """The built-in TSV benchmarks that carry the scene as text (a scene_text column)."""
+    return [s for s in parse_specs(benchmarks)
+            if s.kind == "builtin_tsv" and Path(s.path).is_file() and has_scene_text(s.path)]
+
+
+def evaluate_text_oracles(
+    llm_dir: str | os.PathLike,
+    benchmarks: list[dict],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    device: str = "auto",
+    limit: int | None = None,
+) -> dict | None:
+    """The text-oracle ceiling: the LLM alone answers every built-in benchmark that has a scene_text
+    column, with the scene given as text. Same layout and keys as evaluate_all (scores.json,
+    report.json, <name>/); returns the merged metrics, or None (nothing written) when no benchmark
+    has scene text."""
+    specs = text_oracle_specs(benchmarks)
+    if not specs:
+        return None
+    model = TextChatModel(llm_dir, device=device)
+    scores: dict = {}
+    report: list[dict] = []
+    with atomic_dir(out_dir) as tmp:
+        for spec in specs:
+            start = time.perf_counter()
+            scores.update(evaluate_text_oracle(
+                llm_dir, spec.path, tmp / spec.name, name=spec.name, generator=model,
+                batch_size=spec.option("batch_size", batch_size),
+                max_new_tokens=spec.option("max_new_tokens", max_new_tokens), limit=spec.option("limit", limit)))
+            report.append({"name": spec.name, "kind": "text_oracle", "status": "ok", "dir": spec.name,
+                           "seconds": round(time.perf_counter() - start, 3)})
+        write_json_atomic(tmp / "report.json", {"llm_dir": str(Path(llm_dir).resolve()), "benchmarks": report})
         write_json_atomic(tmp / "scores.json", check_flat(scores))
     return scores

@@ -11,8 +11,10 @@ import re
 
 # Metric names the evaluators write themselves; a category that happens to share one is
 # written as "cat_<name>" so it cannot overwrite it.
-RESERVED = frozenset({"overall", "acc", "acc_norm"})
+RESERVED = frozenset({"overall", "acc", "acc_norm", "lik"})
 META = "meta"
+# Likelihood-scored multiple choice: "<benchmark>/lik/overall", "<benchmark>/lik/<category>".
+LIKELIHOOD = "lik"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
@@ -36,7 +38,24 @@ def flatten_summary(summary: dict) -> dict[str, float]:
     for count in ("n", "n_correct", "n_unparsed"):
         if count in summary:
             flat[meta_key(name, count)] = int(summary[count])
+    lik = summary.get("likelihood")
+    if lik:
+        flat[likelihood_key(name, None)] = float(lik["overall"])
+        for category, acc in lik["by_category"].items():
+            flat[likelihood_key(name, category)] = float(acc)
+        flat[meta_key(name, "lik_n_correct")] = int(lik["n_correct"])
     return flat
+
+
+def likelihood_key(benchmark: str, category: str | None) -> str:
+    """ "<benchmark>/lik/overall" (category None) or "<benchmark>/lik/<category>" (key-safe as above)."""
+    part = "overall" if category is None else category_key(benchmark, category).split("/", 1)[1]
+    return f"{metric_part(benchmark)}/{LIKELIHOOD}/{part}"
+
+
+def is_likelihood_key(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[0] != META and parts[1] == LIKELIHOOD
 
 
 def meta_key(benchmark: str, what: str) -> str:

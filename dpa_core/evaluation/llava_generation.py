@@ -54,7 +54,93 @@ def check_llava_dir(model_dir: str | os.PathLike) -> Path:
     return model_dir
 
 
-class LlavaGenerator:
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, whichever side the padding is on."""
+    width = attention_mask.shape[1]
+    return (width - 1) - attention_mask.flip(1).long().argmax(1)
+
+
+class _ChatAnswerer:
+    """Greedy replies and option-letter log-probabilities for chat prompts, in batches.
+
+    Subclasses load a model and a tokenizer and turn requests into model inputs (`_encode`).
+    """
+
+    model = None
+
+    @property
+    def tokenizer(self):
+        raise NotImplementedError
+
+    def _encode(self, requests: list[GenerationRequest]):
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: list[GenerationRequest], max_new_tokens: int) -> list[str]:
+        inputs = self._encode(requests)
+        tokenizer = self.tokenizer
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _batched(self, requests: list, batch_size: int, desc: str, run) -> list:
+        if batch_size < 1:
+            raise DPAInputError(f"batch_size must be >= 1, got {batch_size}.", fix="set batch_size to 1 or more.")
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
+        results: list = [None] * len(requests)
+        with tqdm(total=len(requests), desc=desc, unit="q") as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                for i, result in zip(chunk, run(chunk), strict=True):
+                    results[i] = result
+                bar.update(len(chunk))
+        return results
+
+    def generate(self, requests: list[GenerationRequest], batch_size: int = 8, max_new_tokens: int = 16,
+                 desc: str = "generating") -> list[str]:
+        replies = self._batched(requests, batch_size, desc,
+                                lambda chunk: self._generate_batch([requests[i] for i in chunk], max_new_tokens))
+        return [r if r is not None else "" for r in replies]
+
+    def __call__(self, requests: list[GenerationRequest], **kwargs) -> list[str]:
+        return self.generate(requests, **kwargs)
+
+    def letter_token_id(self, letter: str) -> int:
+        """The one token an answer that is just this letter starts with (as the reply after the
+        generation prompt is tokenised)."""
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise DPAInputError(f"the option letter {letter!r} is {len(ids)} tokens for this tokenizer, so it has "
+                                "no single log-probability at the answer position.",
+                                fix="score this benchmark by generation only, or use option letters A-Z.")
+        return ids[0]
+
+    @torch.inference_mode()
+    def _letter_batch(self, requests: list[GenerationRequest], letters: list[list[str]]) -> list[dict[str, float]]:
+        inputs = self._encode(requests)
+        mask = inputs["attention_mask"]
+        # Positions that ignore padding, so left and right padding give the same numbers; only the
+        # answer position of each row goes through the output layer (logits_to_keep).
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        last = last_positions(mask)
+        logits = self.model(**inputs, position_ids=positions, use_cache=False,
+                            logits_to_keep=last[:, None]).logits[:, -1]
+        logp = logits.float().log_softmax(-1)
+        return [{letter: float(logp[b, self.letter_token_id(letter)]) for letter in row}
+                for b, row in enumerate(letters)]
+
+    def option_logprobs(self, requests: list[GenerationRequest], letters: list[list[str]], batch_size: int = 8,
+                        desc: str = "likelihood") -> list[dict[str, float]]:
+        """log p(letter | prompt, generation prompt) for each request's option letters: one forward per
+        batch, read at the position where the reply starts (lm-eval's multiple-choice scoring)."""
+        if len(letters) != len(requests):
+            raise ValueError("one list of option letters per request")
+        return self._batched(requests, batch_size, desc,
+                             lambda chunk: self._letter_batch([requests[i] for i in chunk], [letters[i] for i in chunk]))
+
+
+class LlavaGenerator(_ChatAnswerer):
     """Loads a Llava checkpoint once; answers many (prompt, images) requests."""
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: torch.dtype | None = None):
@@ -70,13 +156,16 @@ class LlavaGenerator:
         self.model = LlavaForConditionalGeneration.from_pretrained(
             self.model_dir, dtype=dtype or default_dtype(self.device)).to(self.device).eval()
 
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
     def chat_text(self, prompt: str, n_images: int) -> str:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    @torch.inference_mode()
-    def _generate_batch(self, requests: list[GenerationRequest], max_new_tokens: int) -> list[str]:
+    def _encode(self, requests: list[GenerationRequest]):
         per_request = [r.image_list() for r in requests]
         texts = [self.chat_text(r.prompt, len(imgs)) for r, imgs in zip(requests, per_request)]
         images = [img for imgs in per_request for img in imgs]
@@ -84,26 +173,38 @@ class LlavaGenerator:
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        tokenizer = self.processor.tokenizer
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                  temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return inputs
 
-    def generate(self, requests: list[GenerationRequest], batch_size: int = 8, max_new_tokens: int = 16,
-                 desc: str = "generating") -> list[str]:
-        if batch_size < 1:
-            raise DPAInputError(f"batch_size must be >= 1, got {batch_size}.", fix="set batch_size to 1 or more.")
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt))
-        replies: list[str | None] = [None] * len(requests)
-        with tqdm(total=len(requests), desc=desc, unit="q") as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch_replies = self._generate_batch([requests[i] for i in chunk], max_new_tokens)
-                for i, reply in zip(chunk, batch_replies, strict=True):
-                    replies[i] = reply
-                bar.update(len(chunk))
-        return [r if r is not None else "" for r in replies]
 
-    def __call__(self, requests: list[GenerationRequest], **kwargs) -> list[str]:
-        return self.generate(requests, **kwargs)
+class TextChatModel(_ChatAnswerer):
+    """A plain causal LM (e.g. the base LLM) answering text-only requests through its chat template:
+    the text-oracle ceiling asks it the benchmark's questions with the scene given as text."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: torch.dtype | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise DPAInputError("no config.json: not a saved model directory.", file=self.model_dir,
+                                fix="point to a causal LM written by save_pretrained (e.g. model.llm).")
+        self.device = resolve_device(device)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=dtype or default_dtype(self.device)).to(self.device).eval()
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def chat_text(self, prompt: str) -> str:
+        return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                   add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, requests: list[GenerationRequest]):
+        if any(r.images or r.load_images is not None for r in requests):
+            raise ValueError("TextChatModel answers text-only requests")
+        texts = [self.chat_text(r.prompt) for r in requests]
+        return self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)

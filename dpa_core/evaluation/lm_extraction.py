@@ -66,9 +66,10 @@ def is_llava_dir(model_dir: str | os.PathLike) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
 
 
-def extract_language_model(llava_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the Llava checkpoint's LLM as a standalone causal LM (config, weights, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def load_language_model(llava_dir: str | os.PathLike, dtype: torch.dtype | None = None):
+    """The Llava checkpoint's LLM as a standalone causal LM in memory (e.g. Qwen2ForCausalLM), built
+    from the checkpoint's text config and its LLM tensors only (the vision tower is never read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     llava_dir = Path(llava_dir)
     if not is_llava_dir(llava_dir):
@@ -76,8 +77,14 @@ def extract_language_model(llava_dir: str | os.PathLike, out_dir: str | os.PathL
                             fix="pass the merged Llava directory; a plain LLM directory can be evaluated directly.")
     text_config = AutoConfig.from_pretrained(llava_dir).text_config
     state = language_model_state(llava_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(text_config)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    from transformers.initialization import no_init_weights
+
+    # Real (uninitialised) CPU tensors, not the meta device: computed buffers (rotary inv_freq)
+    # get their values from the constructor; the weights are then assigned from the checkpoint.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(text_config, dtype=next(iter(state.values())).dtype)
     text_config.architectures = [type(model).__name__]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = bool(getattr(text_config, "tie_word_embeddings", False))
@@ -89,6 +96,15 @@ def extract_language_model(llava_dir: str | os.PathLike, out_dir: str | os.PathL
     if tied:
         model.tie_weights()
     model.config.dtype = next(iter(state.values())).dtype
+    return model.eval()
+
+
+def extract_language_model(llava_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the Llava checkpoint's LLM as a standalone causal LM (config, weights, tokenizer)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    llava_dir = Path(llava_dir)
+    model = load_language_model(llava_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(llava_dir).save_pretrained(tmp)

@@ -1,5 +1,6 @@
-"""Text abilities with lm-eval's HF backend: the LLM inside a Llava checkpoint (extracted first), or a
-plain causal-LM directory (the base LLM, as a reference row).
+"""Text abilities with lm-eval's HF backend: the LLM inside a Llava checkpoint (built in memory from
+the checkpoint's LLM tensors and handed to lm-eval as a model instance, `HFLM(pretrained=model)`:
+no copy is written), or a plain causal-LM directory (the base LLM, as a reference row).
 
 A benchmark is either a local multiple-choice jsonl (`path`, e.g. the toy world's facts.jsonl, turned
 into an lm-eval task at run time) or an lm-eval task/group by name (`task`: mmlu, arc_easy, ...).
@@ -14,6 +15,7 @@ log-likelihoods and verdicts).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,10 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from ..errors import DPAInputError
 from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, meta_key, metric_part
-from .lm_extraction import extract_language_model, is_llava_dir
+from .lm_extraction import is_llava_dir, load_language_model
 from .lmeval_tasks import DEFAULT_PROMPT, write_mcq_task
 from .llava_generation import resolve_device
 from .skips import BenchmarkSkipped
@@ -64,19 +68,22 @@ def hub_offline(offline: bool | None) -> Iterator[None]:
             setattr(module, attr, value)
 
 
-@contextmanager
-def causal_lm_dir(model_dir: str | os.PathLike) -> Iterator[Path]:
-    """The directory lm-eval loads: the Llava checkpoint's LLM extracted to a temporary directory,
-    or `model_dir` itself when it already is a causal LM."""
+def load_causal_lm(model_dir: str | os.PathLike, device: str = "auto"):
+    """(model, tokenizer) for lm-eval: a Llava checkpoint's LLM built in memory (its tensors only),
+    or a causal-LM directory as it is; fp32 on CPU, bf16 on a GPU, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DPAInputError("no config.json: not a saved model directory.", file=model_dir,
                             fix="pass a Llava checkpoint or a causal-LM directory written by save_pretrained.")
-    if not is_llava_dir(model_dir):
-        yield model_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="dpa-lm-") as tmp:
-        yield extract_language_model(model_dir, Path(tmp) / "lm")
+    resolved = resolve_device(device)
+    dtype = torch.float32 if resolved.type == "cpu" else torch.bfloat16
+    if is_llava_dir(model_dir):
+        model = load_language_model(model_dir, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
+    return model.to(resolved).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def _load_or_skip(task_manager, task: str, name: str, local: bool):
@@ -121,28 +128,39 @@ def evaluate_lmeval(
     device: str = "auto",
     limit: int | None = None,
     offline: bool | None = None,
+    language_model: tuple | None = None,
 ) -> dict:
-    """Score a Llava checkpoint's LLM (or a causal LM) on one text benchmark; returns flat metrics."""
+    """Score a Llava checkpoint's LLM (or a causal LM) on one text benchmark; returns flat metrics.
+
+    `language_model`: (model, tokenizer) from `load_causal_lm(model_dir)`, to share one loaded model
+    between several benchmarks; loaded here when not given."""
     if (path is None) == (task is None):
         raise DPAInputError(f"text benchmark {name!r} needs exactly one of 'path' (local jsonl) or 'task' "
                             "(lm-eval name).", record=name, fix="set path: <facts.jsonl> or task: <lm-eval task name>.")
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     name = metric_part(name)
-    resolved = resolve_device(device)
-    dtype = "float32" if resolved.type == "cpu" else "bfloat16"
-    with hub_offline(offline), tempfile.TemporaryDirectory(prefix="dpa-lmeval-tasks-") as include_dir, \
-            causal_lm_dir(model_dir) as lm_dir:
+    with hub_offline(offline), tempfile.TemporaryDirectory(prefix="dpa-lmeval-tasks-") as include_dir:
         local = path is not None
-        task_id = write_mcq_task(name, path, include_dir, prompt, tokenizer_dir=lm_dir) if local else str(task)
+        task_id = write_mcq_task(name, path, include_dir, prompt, tokenizer_dir=model_dir) if local else str(task)
         manager = TaskManager(include_path=include_dir, include_defaults=not local)
         _load_or_skip(manager, task_id, name, local)
+        model, tokenizer = language_model or load_causal_lm(model_dir, device)
+        # HFLM warns that device/dtype arguments are ignored for a model instance: placing the
+        # model is done above, on purpose, so that one warning is dropped (errors still show).
+        hf_log = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_log.level
+        hf_log.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        finally:
+            hf_log.setLevel(level)
         start = time.perf_counter()
         results = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(lm_dir), "dtype": dtype, "trust_remote_code": False},
-            tasks=[task_id], task_manager=manager, num_fewshot=num_fewshot, batch_size=batch_size,
-            device=str(resolved), limit=limit, log_samples=True, bootstrap_iters=1000,
+            model=lm, tasks=[task_id], task_manager=manager, num_fewshot=num_fewshot, batch_size=batch_size,
+            limit=limit, log_samples=True, bootstrap_iters=1000,
         )
         seconds = time.perf_counter() - start
     metrics = _metrics(name, task_id, results, seconds)

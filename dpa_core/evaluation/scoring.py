@@ -1,4 +1,8 @@
-"""Score replies against a TSV benchmark: per-item verdicts, per-category and overall accuracy."""
+"""Score replies against a TSV benchmark: per-item verdicts, per-category and overall accuracy.
+
+Multiple choice is scored two ways when the model's option-letter log-probabilities are given:
+generation (the greedy reply, extracted) and likelihood (the letter with the highest
+log-probability at the answer position, as lm-eval scores multiple choice)."""
 
 from __future__ import annotations
 
@@ -18,47 +22,77 @@ class ScoredItem:
     extracted: str | None  # the option letter / normalized reply; None = unparsed
     answer: str
     correct: bool
+    # Likelihood scoring (multiple choice, when log-probabilities were computed).
+    lik_choice: str | None = None
+    lik_correct: bool | None = None
+    lik_logprobs: dict[str, float] | None = None
 
     @property
     def unparsed(self) -> bool:
         return self.extracted is None
 
     def to_record(self) -> dict:
-        return asdict(self) | {"unparsed": self.unparsed}
+        record = asdict(self) | {"unparsed": self.unparsed}
+        return {k: v for k, v in record.items() if not (k.startswith("lik_") and v is None)}
 
 
-def score_item(item: BenchmarkItem, prediction: str) -> ScoredItem:
+def likelihood_choice(logprobs: dict[str, float]) -> str:
+    """The option letter with the highest log-probability (ties: the first letter)."""
+    return max(sorted(logprobs), key=lambda letter: logprobs[letter])
+
+
+def score_item(item: BenchmarkItem, prediction: str, logprobs: dict[str, float] | None = None) -> ScoredItem:
     if item.options:
         extracted = extract_option(prediction, item.options)
         correct = extracted is not None and extracted == item.answer
     else:
         correct, extracted = match_short_answer(prediction, parse_answer_list(item.answer))
-    return ScoredItem(item.index, item.category, str(prediction), extracted, item.answer, bool(correct))
+    lik = {}
+    if logprobs is not None and item.options:
+        choice = likelihood_choice(logprobs)
+        lik = {"lik_choice": choice, "lik_correct": choice == item.answer,
+               "lik_logprobs": {k: round(v, 6) for k, v in logprobs.items()}}
+    return ScoredItem(item.index, item.category, str(prediction), extracted, item.answer, bool(correct), **lik)
 
 
-def score_benchmark(bench: TsvBenchmark, predictions: dict[str, str]) -> list[ScoredItem]:
-    """Score every item; `predictions` maps item index -> reply and must cover every item."""
+def score_benchmark(bench: TsvBenchmark, predictions: dict[str, str],
+                    logprobs: dict[str, dict[str, float]] | None = None) -> list[ScoredItem]:
+    """Score every item; `predictions` maps item index -> reply and must cover every item;
+    `logprobs` (optional) maps item index -> {option letter: log-probability}."""
     missing = [it.index for it in bench.items if it.index not in predictions]
     if missing:
         raise DPAInputError(f"{len(missing)} item(s) have no prediction (first: {missing[0]!r}).",
                             file=bench.path, fix="generate a reply for every row before scoring.")
-    return [score_item(it, predictions[it.index]) for it in bench.items]
+    return [score_item(it, predictions[it.index], (logprobs or {}).get(it.index)) for it in bench.items]
 
 
 def summarize(name: str, kind: str, scored: list[ScoredItem]) -> dict:
     """{"benchmark", "kind", "overall", "by_category", "n", "n_correct", "n_unparsed"}; accuracies in [0, 1].
     Overall accuracy is over items (not the mean of category accuracies), as VLMEvalKit reports it."""
-    by_cat: dict[str, list[bool]] = defaultdict(list)
-    for s in scored:
-        by_cat[s.category].append(s.correct)
     n = len(scored)
-    n_correct = sum(s.correct for s in scored)
-    return {
+    overall, by_category, n_correct = _accuracies([(s.category, s.correct) for s in scored])
+    summary = {
         "benchmark": name,
         "kind": kind,
-        "overall": n_correct / n if n else 0.0,
-        "by_category": {c: sum(v) / len(v) for c, v in sorted(by_cat.items())},
+        "overall": overall,
+        "by_category": by_category,
         "n": n,
         "n_correct": n_correct,
         "n_unparsed": sum(s.unparsed for s in scored),
     }
+    lik = [(s.category, s.lik_correct) for s in scored if s.lik_correct is not None]
+    if lik:
+        if len(lik) != n:
+            raise ValueError(f"likelihood scores for {len(lik)} of {n} items")
+        overall, by_category, n_correct = _accuracies(lik)
+        summary["likelihood"] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
+    return summary
+
+
+def _accuracies(verdicts: list[tuple[str, bool]]) -> tuple[float, dict[str, float], int]:
+    by_cat: dict[str, list[bool]] = defaultdict(list)
+    for category, correct in verdicts:
+        by_cat[category].append(bool(correct))
+    n_correct = sum(c for _, c in verdicts)
+    return (n_correct / len(verdicts) if verdicts else 0.0,
+            {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}, n_correct)

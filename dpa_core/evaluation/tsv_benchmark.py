@@ -10,6 +10,8 @@ The format (one row per question, tab-separated, header line):
   answer    the correct letter (multiple choice), or the answer text / a Python-literal list of
             accepted answers (short answer)
   category  optional, for per-category accuracy; hint: optional context put before the question
+  scene_text  optional (our extension; VLMEvalKit ignores it): what the image shows, as text, for
+            the text-oracle ceiling (the LLM alone, told the scene in words)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BenchmarkItem:
     hint: str | None = None
     images_b64: tuple[str, ...] = ()
     image_paths: tuple[str, ...] = ()
+    scene_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ def _item(row: pd.Series, kind: str, images: dict[str, list[str]], path: Path) -
     return BenchmarkItem(
         index=idx, question=question, answer=answer.strip() if kind == MCQ else answer,
         category=_cell(row, "category") or DEFAULT_CATEGORY, options=options, hint=_cell(row, "hint"),
-        images_b64=tuple(images.get(idx, ())), image_paths=paths,
+        images_b64=tuple(images.get(idx, ())), image_paths=paths, scene_text=_cell(row, "scene_text"),
     )
 
 

@@ -6,8 +6,10 @@ laptop CPU in minutes.
     # or: python -m dpa_core.toyworld --out data/toyworld --size smoke --seed 0 --set llm_steps=50
 
 Layout of OUT: images/{train,bench}/*.png, captions/{terse,verbose}.json, instruct/train.json
-(LLaVA format, image paths relative to OUT/images), bench/toy_mcq.tsv (VLMEvalKit MCQ),
-text_bench/facts.jsonl, models/llm (Qwen2ForCausalLM + tokenizer with a ChatML template),
+(LLaVA format, image paths relative to OUT/images), bench/toy_mcq.tsv (VLMEvalKit MCQ, plus a
+scene_text column: the scene in own-style words, for the text-oracle ceiling),
+heldout/captions_{terse,verbose}.json (both styles for the benchmark scenes, images bench/*.png) and
+heldout/content_words.json (for the image-reliance diagnostic), text_bench/facts.jsonl, models/llm (Qwen2ForCausalLM + tokenizer with a ChatML template),
 models/clip (CLIPModel + CLIPImageProcessor), metrics/prior_gap.json, manifest.json.
 
 Why the world looks like this

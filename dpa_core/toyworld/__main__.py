@@ -1,4 +1,5 @@
-"""python -m dpa_core.toyworld --out DIR --size smoke --seed 0 [--set llm_steps=50 ...]"""
+"""python -m dpa_core.toyworld --out DIR --size smoke --seed 0 [--set llm_steps=50 ...] [--base-models DIR]
+python -m dpa_core.toyworld --base-models-only --out DIR --size default --seed 0   (the shipped base models)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 from dpa_core.errors import DPAInputError
 
-from .build import build_world
+from .build import build_base_models, build_world
 from .sizes import SIZES
 
 
@@ -30,9 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
                         metavar="NAME=VALUE", help="override one size field, e.g. --set llm_steps=50")
+    parser.add_argument("--base-models", default=None, metavar="DIR",
+                        help="reuse the tokenizer, LLM and vision tower built by --base-models-only")
+    parser.add_argument("--base-models-only", action="store_true",
+                        help="train only the tokenizer, base LLM and vision tower into --out")
     args = parser.parse_args(argv)
     try:
-        manifest = build_world(args.out, args.size, args.seed, overrides=dict(args.overrides))
+        if args.base_models_only:
+            manifest = build_base_models(args.out, args.size, args.seed, overrides=dict(args.overrides))
+            print(json.dumps({k: manifest[k] for k in ("seed", "size", "fingerprint", "llm", "clip", "timings_s")}, indent=2))
+            return 0
+        manifest = build_world(args.out, args.size, args.seed, overrides=dict(args.overrides),
+                               base_models=args.base_models)
     except DPAInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

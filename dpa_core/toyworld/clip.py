@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -57,8 +58,14 @@ def pixel_values(processor: CLIPImageProcessorPil, images: list[Image.Image]) ->
 
 
 def train_clip(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-               ws: WorldSize, seed: int) -> dict:
-    """Symmetric InfoNCE on random batches (CLIPModel's own loss); cosine lr with warmup."""
+               ws: WorldSize, seed: int, negative_ids: torch.Tensor | None = None,
+               negative_mask: torch.Tensor | None = None) -> dict:
+    """Symmetric InfoNCE on random batches; cosine lr with warmup.
+
+    negative_ids: for each image a hard-negative text (the same scene with one object's shape
+    changed, as NegCLIP does). Colour and position alone tell a scene from the others in a batch,
+    so without them the tower learns little about shape (linear probe on its patch features:
+    shape 0.57 vs colour 0.99 per cell); with them each image must also beat its own near-miss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.clip_lr, weight_decay=0.1)
     warmup = max(1, ws.clip_steps // 20)
@@ -70,7 +77,11 @@ def train_clip(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor, 
         for group in opt.param_groups:
             group["lr"] = ws.clip_lr * scale
         idx = torch.randperm(len(pixels), generator=gen)[:batch]
-        loss = model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True).loss
+        if negative_ids is None:
+            loss = model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True).loss
+        else:
+            loss = _loss_with_hard_negatives(model, pixels[idx], torch.cat([input_ids[idx], negative_ids[idx]]),
+                                             torch.cat([mask[idx], negative_mask[idx]]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,6 +90,21 @@ def train_clip(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor, 
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+
+
+def _loss_with_hard_negatives(model: CLIPModel, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Image-to-text over the batch's texts plus their hard negatives; text-to-image as usual."""
+    n = len(pixels)
+    image = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+    text = F.normalize(_features(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
+    logits = model.logit_scale.exp() * image @ text.T  # (n, 2n)
+    target = torch.arange(n)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target))
+
+
+def _features(out) -> torch.Tensor:
+    # get_*_features returns a tensor in some transformers versions and an output object in others.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 @torch.no_grad()

@@ -14,7 +14,11 @@ from .questions import CATEGORIES, ask, format_mcq
 from .scenes import Scene, sample_scenes
 from .sizes import WorldSize
 
-P_FACT_CHAT = 0.4  # share of chat conversations about facts (the rest: scenes given as text)
+P_FACT_CHAT = 0.15  # share of chat conversations about facts (the rest: scenes given as text)
+# Questions per scene chat. Many per description: reading the answer out of the context is the
+# skill an MLLM needs later, and a tiny model needs many examples of it (a 256-token window holds
+# the description and about six of them).
+SCENE_CHAT_TURNS = (7, 11)
 P_MCQ = 0.25  # share of scene questions asked as multiple choice
 
 
@@ -68,6 +72,6 @@ def llm_corpus(ws: WorldSize, rng: random.Random, people: list[Person], exclude_
         if rng.random() < P_FACT_CHAT:
             docs.append(render_chat(_fact_turns(people, rng, rng.randint(1, 3))))
         else:
-            docs.append(render_chat(_scene_turns(scene, rng, rng.randint(2, 6))))
+            docs.append(render_chat(_scene_turns(scene, rng, rng.randint(*SCENE_CHAT_TURNS))))
     rng.shuffle(docs)
     return [d + END_OF_TEXT for d in docs]

@@ -38,6 +38,8 @@ class WorldData:
     instruct: list[dict]
     bench_rows: list[dict]
     facts: list[dict]
+    # Both caption styles for the benchmark scenes: held out from training, for the image-reliance diagnostic.
+    heldout_captions: dict[str, list[dict]]
 
 
 def make_world_data(ws: WorldSize, seed: int) -> WorldData:
@@ -49,14 +51,19 @@ def make_world_data(ws: WorldSize, seed: int) -> WorldData:
     train = sample_scenes(rng_for(seed, "train-scenes"), ws.n_train_images, ws.max_objects, jitter, exclude=bench_keys)
     reserved = set(CONTENT_WORDS) | {w.strip(",.!").lower() for t in _all_style_text() for w in t.split()}
     people = make_people(rng_for(seed, "people"), ws.n_entities, reserved)
+    def verbose(scene: Scene, rng: random.Random) -> str:
+        return language.verbose(scene, rng, style=ws.verbose_style)
+
     captions = {
         "terse": caption_records(train, "terse", language.terse, rng_for(seed, "terse")),
-        "verbose": caption_records(train, "verbose", language.verbose, rng_for(seed, "verbose")),
+        "verbose": caption_records(train, "verbose", verbose, rng_for(seed, "verbose")),
     }
     instruct = instruct_records(train, ws, rng_for(seed, "instruct"))
     bench_rows = benchmark_rows(bench, rng_for(seed, "bench-questions"))
     facts = text_bench(people, rng_for(seed, "facts"))
-    return WorldData(train, bench, people, captions, instruct, bench_rows, facts)
+    heldout = {style: caption_records(bench, style, fn, rng_for(seed, f"heldout-{style}"), split="bench")
+               for style, fn in (("terse", language.terse), ("verbose", verbose))}
+    return WorldData(train, bench, people, captions, instruct, bench_rows, facts, heldout)
 
 
 def _all_style_text() -> list[str]:
@@ -68,12 +75,12 @@ def image_name(i: int) -> str:
     return f"{i:06d}.png"
 
 
-def caption_records(scenes: list[Scene], style: str, caption, rng: random.Random) -> list[dict]:
+def caption_records(scenes: list[Scene], style: str, caption, rng: random.Random, split: str = "train") -> list[dict]:
     prompt = CAPTION_PROMPTS[style]
     return [
         {
-            "id": f"{style}-{i:06d}",
-            "image": f"train/{image_name(i)}",
+            "id": f"{style}-{i:06d}" if split == "train" else f"{split}-{style}-{i:06d}",
+            "image": f"{split}/{image_name(i)}",
             "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"},
                 {"from": "gpt", "value": caption(scene, rng)},
@@ -118,14 +125,15 @@ def benchmark_rows(scenes: list[Scene], rng: random.Random) -> list[dict]:
         for q in ask_each_category(scene, rng):
             row = {"index": len(rows), "image_file": f"bench/{image_name(i)}", "question": q.question}
             row.update({LETTERS[k]: q.options[k] for k in range(4)})
-            row.update({"answer": q.letter, "category": q.category})
+            # scene_text: the scene in the LLM's own words, for the text-oracle ceiling
+            row.update({"answer": q.letter, "category": q.category, "scene_text": language.own_style(scene)})
             rows.append(row)
     return rows
 
 
 # ---- writing -------------------------------------------------------------------------------
 
-TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category")
+TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text")
 
 
 def _dump_json(path: Path, obj) -> None:
@@ -145,6 +153,9 @@ def write_world_data(root: Path, data: WorldData, image_size: int) -> dict[str, 
     for style, records in data.captions.items():
         _dump_json(root / "captions" / f"{style}.json", records)
     _dump_json(root / "instruct" / "train.json", data.instruct)
+    for style, records in data.heldout_captions.items():
+        _dump_json(root / "heldout" / f"captions_{style}.json", records)
+    _dump_json(root / "heldout" / "content_words.json", sorted(CONTENT_WORDS))
 
     lines = ["\t".join(TSV_COLUMNS)]
     for row in data.bench_rows:
@@ -163,6 +174,7 @@ def write_world_data(root: Path, data: WorldData, image_size: int) -> dict[str, 
         "verbose_records": len(data.captions["verbose"]),
         "instruct_records": len(data.instruct),
         "instruct_turns": sum(len(r["conversations"]) // 2 for r in data.instruct),
+        "heldout_caption_records": {style: len(r) for style, r in data.heldout_captions.items()},
         "bench_rows": len(data.bench_rows),
         "bench_rows_per_category": {c: sum(r["category"] == c for r in data.bench_rows) for c in CATEGORIES},
         "text_bench_items": len(data.facts),

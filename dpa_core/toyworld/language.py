@@ -14,9 +14,10 @@ styles, so a connector aligned on any of them points at the same words in instru
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
-from .scenes import NUMBER_WORDS, Obj, Scene, both_relations
+from .scenes import NUMBER_WORDS, SHAPES, Obj, Scene, both_relations
 
 
 def _a(word: str) -> str:
@@ -96,24 +97,47 @@ CLOSERS = (
 )
 
 
-def verbose(scene: Scene, rng: random.Random) -> str:
+def verbose(scene: Scene, rng: random.Random, style: float = 1.0) -> str:
     """Florid prose carrying every fact of the own style, e.g. "Behold, dear viewer, a most wondrous
     tableau! Verily, no fewer than two shapes doth grace this humble canvas. Indeed, at the top left
-    there dwelleth, in quiet majesty, a truly large red circle, a marvel to behold! ..." """
+    there dwelleth, in quiet majesty, a truly large red circle, a marvel to behold! ..."
+
+    style (0..1) is the register-conflict dial: each optional style element (opener, interjection,
+    embellishment, intensifier, flourish, closer, florid verb) is kept with this probability, else
+    said plainly. 1 is the full register; 0 leaves plain sentences with the same facts. Every
+    random draw is made whatever the dial, so the content and the rest of the data do not move."""
     pick = rng.choice
-    parts = [pick(OPENERS)]
-    parts.append(f"{pick(INTERJECTIONS)}, no fewer than {_count_phrase(scene.count)} doth grace this {pick(CANVASES)}.")
+
+    def keep(text: str, plain: str = "") -> str:
+        return text if rng.random() < style else plain
+
+    parts = [keep(pick(OPENERS))]
+    parts.append(keep(f"{pick(INTERJECTIONS)}, ") + f"no fewer than {_count_phrase(scene.count)} "
+                 + keep(f"doth grace this {pick(CANVASES)}.", "are shown."))
     for o in scene.objects:
+        interjection, verb, embellishment = pick(INTERJECTIONS), pick(VERBS), pick(EMBELLISHMENTS)
+        intensifier, flourish = pick(INTENSIFIERS), pick(FLOURISHES)
         parts.append(
-            f"{pick(INTERJECTIONS)}, at the {o.position} {pick(VERBS)}, {pick(EMBELLISHMENTS)}, "
-            f"{_a(pick(INTENSIFIERS))} {o.size} {o.color} {o.shape}{pick(FLOURISHES)}!"
+            keep(f"{interjection}, ") + f"at the {o.position} " + keep(verb, "there is") + keep(f", {embellishment},", "")
+            + " " + keep(f"{_a(intensifier)} {o.size}", _a(o.size)) + f" {o.color} {o.shape}" + keep(flourish) + keep("!", ".")
         )
     for a, b in _relation_pairs(scene):
-        parts.append(f"And mark well, dear viewer, that the {a.shape} doth stand {both_relations(a, b)} the {b.shape}{pick(FLOURISHES)}.")
-    parts.append(pick(CLOSERS))
-    return " ".join(parts)
+        flourish = pick(FLOURISHES)
+        parts.append(keep("And mark well, dear viewer, that ") + f"the {a.shape} " + keep("doth stand", "is")
+                     + f" {both_relations(a, b)} the {b.shape}" + keep(flourish) + ".")
+    parts.append(keep(pick(CLOSERS)))
+    return " ".join(p for p in parts if p)
 
 
 def clip_text(scene: Scene) -> str:
     """The compact text the vision tower is trained against: every visual attribute, few tokens."""
     return ", ".join(f"{o.size} {o.color} {o.shape} at the {o.position}" for o in scene.objects)
+
+
+def shape_swapped(scene: Scene, rng: random.Random) -> Scene:
+    """The scene with one object's shape replaced by another: a near-miss text for the vision
+    tower's contrastive training (everything else, and the layout, unchanged)."""
+    objs = list(scene.objects)
+    k = rng.randrange(len(objs))
+    objs[k] = dataclasses.replace(objs[k], shape=rng.choice([s for s in SHAPES if s != objs[k].shape]))
+    return Scene(tuple(objs))

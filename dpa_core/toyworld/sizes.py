@@ -29,6 +29,10 @@ class WorldSize:
     # the sharpest conflict; a few hundred make it familiar-but-dispreferred, closer to a real
     # LLM that has read some florid prose. A dial for the study, not a tuned value.
     n_llm_florid_docs: int
+    # The register-conflict dial on the data side (0..1): the share of style elements kept in the
+    # verbose captions (language.verbose). 1 is the full florid register, 0 plain sentences with
+    # the same facts. Data only: the base models do not depend on it, so sweeping it reuses them.
+    verbose_style: float
     # tokenizer
     vocab_size: int
     # base LLM (Qwen2ForCausalLM)
@@ -63,22 +67,26 @@ SIZES: dict[str, WorldSize] = {
         image_size=32, n_train_images=160, n_bench_images=24, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=3,
         n_entities=8, n_llm_scene_docs=1200, n_llm_chat_docs=1200, n_llm_fact_docs=800, n_llm_florid_docs=0,
-        vocab_size=768,
+        verbose_style=1.0, vocab_size=768,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
         llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3,
         clip_patch=8, clip_hidden=64, clip_layers=2, clip_heads=2, clip_intermediate=128,
         clip_projection=32, clip_text_max_len=48, clip_batch=64, clip_steps=100, clip_lr=1e-3,
         ppl_texts=48,
     ),
-    # README demo: at most 5 minutes on 2 cores and 50 MB on disk.
+    # README demo. Its base models (tokenizer, LLM, CLIP) are built once with
+    # `python -m dpa_core.toyworld --base-models-only` and shipped in assets/ (about an hour of
+    # one CPU core); the world stage then only writes data (seconds).
     "default": WorldSize(
-        image_size=48, n_train_images=3000, n_bench_images=150, max_objects=4,
+        # 60 px images and 20 px patches: the vision tower's 3x3 patch grid is the scene's 3x3
+        # grid of cells, one image token per cell (a 48/12 grid split the cells across patches).
+        image_size=60, n_train_images=3000, n_bench_images=600, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=4,
         n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000, n_llm_florid_docs=0,
-        vocab_size=1024,
+        verbose_style=1.0, vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
-        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=600, llm_lr=4e-3,
-        clip_patch=12, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
+        llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=3000, llm_lr=3e-3,
+        clip_patch=20, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
         clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=300, clip_lr=1e-3,
         ppl_texts=200,
     ),
@@ -115,6 +123,8 @@ def _check(ws: WorldSize) -> None:
     for f in dataclasses.fields(ws):
         if f.name == "n_llm_florid_docs":
             need(ws.n_llm_florid_docs >= 0, "n_llm_florid_docs must not be negative")
+        elif f.name == "verbose_style":
+            need(0.0 <= ws.verbose_style <= 1.0, "verbose_style must be in 0..1")
         else:
             need(getattr(ws, f.name) > 0, f"{f.name} must be positive")
     need(1 <= ws.max_objects <= 4, "max_objects must be 1..4")
