@@ -115,6 +115,9 @@ def test_kill_anywhere_then_dvc_repro_gives_the_uninterrupted_result(tmp_path):
     print(f"kill matrix seed {seed} (rerun with DPA_KILL_SEED={seed})")
     log = tmp_path / "dvc.log"
     repo = make_repo_copy(tmp_path, profile="smoke")
+    # dvc.yaml's world stage depends on assets/toyworld (prebuilt base models), which is not in git;
+    # the smoke profile does not use it (world.base_models: null), so an empty directory will do.
+    (repo / "assets" / "toyworld").mkdir(parents=True, exist_ok=True)
 
     params = repo / "params.yaml"
     _dvc(repo, "repro", "finetune_proxy@dpa-0", log=log)  # the uninterrupted run
