@@ -28,7 +28,7 @@ from PIL import Image
 from .errors import DPAInputError
 from .losses import IGNORE_INDEX
 
-IMAGE_MARKER = "<image>"
+IMAGE_MARKER = "<image>"  # the image placeholder of the LLaVA data format, in the records' text
 SequenceEnd = Literal["eos", "newline"]
 AspectRatio = Literal["crop", "pad"]
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -94,7 +94,11 @@ def check_image(path: Path, *, file, record) -> None:
                             fix="re-export the image or drop the record.") from None
 
 
-def parse_record(raw: dict, *, file, image_root: Path | None, require_image: bool, check_images: bool) -> Record:
+def parse_record(raw: dict, *, file, image_root: Path | None, require_image: bool, check_images: bool,
+                 image_token: str = IMAGE_MARKER) -> Record:
+    """One validated record. The image placeholder may be written as the LLaVA marker or as the
+    model's configured image token; it is kept as the LLaVA marker, which the Encoder maps to the
+    model's token."""
     rid = raw.get("id") if isinstance(raw, dict) else None
     if not isinstance(raw, dict) or rid in (None, ""):
         raise DPAInputError("record without an 'id'.", file=file, record=rid, fix="give every record a unique id.")
@@ -116,6 +120,8 @@ def parse_record(raw: dict, *, file, image_root: Path | None, require_image: boo
         if role == "assistant" and not text.strip():
             raise DPAInputError(f"turn {i} has an empty answer.", file=file, record=rid,
                                 fix="drop the record or fill in the answer.")
+        if image_token != IMAGE_MARKER:
+            text = text.replace(image_token, IMAGE_MARKER)
         turns.append((role, text))
     if turns[-1][0] != "assistant":
         raise DPAInputError("the conversation ends without an answer.", file=file, record=rid,
@@ -143,7 +149,8 @@ def parse_record(raw: dict, *, file, image_root: Path | None, require_image: boo
 
 
 def load_llava_records(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                       require_image: bool = True, check_images: bool = True) -> list[Record]:
+                       require_image: bool = True, check_images: bool = True,
+                       image_token: str = IMAGE_MARKER) -> list[Record]:
     """Load and validate every record of a LLaVA-format file (unique ids, images inside the root)."""
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():
@@ -151,7 +158,8 @@ def load_llava_records(path: str | os.PathLike, image_root: str | os.PathLike | 
                             fix="set image_root to the folder the records' image paths are relative to.")
     records, seen = [], set()
     for raw in read_json_records(path):
-        rec = parse_record(raw, file=path, image_root=root, require_image=require_image, check_images=check_images)
+        rec = parse_record(raw, file=path, image_root=root, require_image=require_image, check_images=check_images,
+                           image_token=image_token)
         if rec.id in seen:
             raise DPAInputError("duplicate id.", file=path, record=rec.id, fix="make record ids unique.")
         seen.add(rec.id)
@@ -242,10 +250,12 @@ class Encoder:
         return tuple(out)
 
     def chat(self, record: Record) -> dict:
-        """The LLM's own chat template; loss on assistant turns (answer and end-of-turn tokens)."""
+        """The LLM's own chat template; loss on assistant turns (answer and end-of-turn tokens).
+        The records' image placeholder becomes the model's configured image token."""
         turns = self._turns(record)
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        msgs = head + [{"role": r, "content": t} for r, t in turns]
+        msgs = head + [{"role": r, "content": t.replace(IMAGE_MARKER, self.image_token) if self.image_token_id is not None
+                        else t} for r, t in turns]
         full = self.tok.apply_chat_template(msgs, tokenize=False)
         spans = []
         for i, (role, _) in enumerate(turns, start=len(head)):

@@ -17,3 +17,8 @@ class DPAInputError(ValueError):
         if fix:
             msg += f" Fix: {fix}"
         super().__init__(msg)
+
+
+class DPAStorageError(DPAInputError):
+    """The machine, not the input: disk full, a read-only or unwritable output directory. One line,
+    naming the path; nothing partial is left behind (outputs are written atomically)."""

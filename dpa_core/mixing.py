@@ -72,6 +72,15 @@ def allocate(sources: Sequence[MixSource], available: dict[str, int], total: int
     return want
 
 
+def check_sources(sources: Sequence[tuple[Path, Path]], *, image_token: str = "<image>",
+                  require_image: bool = True) -> int:
+    """Validate LLaVA-format sources [(path, image_root)] in full (every record, every image: exists,
+    inside its root, readable, one image marker); returns the number of records. Instruction data may
+    hold text-only records (require_image=False), as the finetune stage reads it."""
+    return sum(len(load_llava_records(path, root, image_token=image_token, require_image=require_image))
+               for path, root in sources)
+
+
 def mix_captions(sources: Sequence[MixSource], out_dir: str | os.PathLike, *, total: int | None = None,
                  seed: int = 0, dedup_records: bool = True, holdout: int = 64) -> dict:
     """Write the mixed caption set, the proxy text corpus, a text hold-out and stats; return the stats."""
@@ -88,6 +97,10 @@ def mix_captions(sources: Sequence[MixSource], out_dir: str | os.PathLike, *, to
     for s in sources:
         chosen = rng.sample(pools[s.name], take[s.name])
         n_hold = min(holdout, len(chosen) // 10)
+        if holdout and not n_hold:
+            raise DPAInputError(f"source {s.name!r} gets {len(chosen)} records, too few to hold any out for the "
+                                "diagnose stage (it holds out a tenth, at least 10 records are needed).",
+                                file="params.yaml", fix="raise mix.total or this source's count/weight.")
         for i, r in enumerate(chosen):
             rid = f"{s.name}/{r.id}"
             mixed.append({"id": rid, "source": s.name, "image": str(r.image.relative_to(root)),

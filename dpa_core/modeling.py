@@ -10,12 +10,13 @@ modules, so a 7B LLM is never held twice in memory. Only the connector is freshl
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -228,10 +229,20 @@ def connector_state(model: LlavaForConditionalGeneration) -> dict[str, torch.Ten
     return {k: v.detach().contiguous().cpu() for k, v in model.model.multi_modal_projector.state_dict().items()}
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes the metadata from a hash
+    map, so the same tensors gave different bytes from run to run."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))  # same length (the padding keeps the data 8-byte aligned)
+    return data[:8] + text + data[8 + n:]
+
+
 def save_connector(model: LlavaForConditionalGeneration, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(connector_state(model), str(tmp), metadata={"format": "pt", "kind": "mlp2x_gelu"})
+    tmp.write_bytes(_canonical_safetensors(save(connector_state(model), metadata={"format": "pt", "kind": "mlp2x_gelu"})))
     os.replace(tmp, path)
     return path
 

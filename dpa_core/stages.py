@@ -13,6 +13,7 @@ a separate work directory next to it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 from .data import (AspectRatio, Collator, Encoder, MultimodalDataset, SequenceEnd, TextDataset, load_llava_records,
                    load_text_records)
 from .errors import DPAInputError
-from .io import atomic_dir, write_json_atomic
+from .io import atomic_dir, content_digest, stat_digest, write_json_atomic
 from .losses import LossConfig
 from .modeling import build_llava, load_tokenizer, save_connector, save_llava, vision_info, CONNECTOR_FILE
 from .trainer import TrainSettings, train, use_bf16
@@ -60,6 +61,7 @@ class StageResult:
     out_dir: Path
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # wall-clock figures, kept out of the output dir
 
 
 def _dtype(settings: TrainSettings) -> torch.dtype:
@@ -70,6 +72,17 @@ def _work_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.work")
 
 
+def _model_inputs(paths: ModelPaths) -> dict:
+    """Content hashes of the model directories (resume fingerprints: a checkpoint is resumed only
+    when it was trained from the same bytes, not merely the same paths)."""
+    return {"vision": content_digest(paths.vision), "llm": content_digest(paths.llm)}
+
+
+def _data_inputs(sources: Sequence[DataSource], records) -> dict:
+    return {"files": [content_digest(s.path) for s in sources],
+            "images": stat_digest(sorted({str(r.image) for r in records if r.image is not None}))}
+
+
 def _finish(out_dir: Path, run: dict, extra: dict, write) -> StageResult:
     """Write the stage's output atomically (main process only) and drop the work dir."""
     metrics = {**extra, **{f"train/{k}": v for k, v in run["train"].items() if isinstance(v, (int, float))}}
@@ -78,8 +91,20 @@ def _finish(out_dir: Path, run: dict, extra: dict, write) -> StageResult:
             write(tmp)
             write_json_atomic(tmp / "metrics.json", metrics)
             write_json_atomic(tmp / "history.json", run["history"])
+            for cfg in tmp.rglob("adapter_config.json"):
+                sort_adapter_config(cfg)
         shutil.rmtree(_work_dir(out_dir), ignore_errors=True)
-    return StageResult(Path(out_dir), metrics, run["history"])
+    return StageResult(Path(out_dir), metrics, run["history"], run.get("timings", {}))
+
+
+def sort_adapter_config(path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes from run to run; sorted,
+    the same adapter gives the same bytes (and DVC does not rerun what depends on it)."""
+    cfg = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    write_json_atomic(path, cfg)
 
 
 def _seed(settings: TrainSettings) -> None:
@@ -101,11 +126,19 @@ def _upcast_trainable(model: torch.nn.Module) -> None:
             p.data = p.data.float()
 
 
-def load_records(sources: Sequence[DataSource], *, require_image: bool = True):
+def load_records(sources: Sequence[DataSource], *, require_image: bool = True, image_token: str = "<image>"):
     # Alignment needs an image in every record; instruction data may mix in text-only records (LLaVA-665K
     # has 40k), whose CMO/CAL weight is that of a sequence without image tokens: the image-free pass equals
     # the main one, delta = 0, the weight sits at the lower bound (as upstream; see docs/fidelity.md).
-    return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image)]
+    return [r for s in sources for r in load_llava_records(s.path, s.image_root, require_image=require_image,
+                                                           image_token=image_token)]
+
+
+def _preflight(paths: ModelPaths, max_length: int) -> None:
+    from .preflight import preflight
+
+    preflight(paths.vision, paths.llm, paths.image_token, paths.add_image_token,
+              multimodal_lengths={"max_length": max_length})
 
 
 def load_proxy_llm(llm: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32):
@@ -128,8 +161,9 @@ def proxy_pretrain(llm: Path, text_corpus: Path, out_dir: Path, *, lora: LoraSet
     _upcast_trainable(model)
     run = train(model, TextDataset(texts, Encoder(tok, max_length=max_length, sequence_end=sequence_end)),
                 Collator(tok.pad_token_id), settings, _work_dir(out_dir), multimodal=False, callbacks=callbacks,
-                fingerprint={"stage": "proxy", "llm": str(llm), "corpus": str(text_corpus), "lora": asdict(lora),
-                             "sequence_end": sequence_end})
+                fingerprint={"stage": "proxy", "lora": asdict(lora), "max_length": max_length,
+                             "sequence_end": sequence_end,
+                             "inputs": {"llm": content_digest(llm), "corpus": content_digest(text_corpus)}})
     extra = {"n_texts": len(texts), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     return _finish(out_dir, run, extra, lambda tmp: model.save_pretrained(tmp))
 
@@ -140,7 +174,8 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
           callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Train the connector only; the LLM (proxy if given) and the vision tower stay frozen."""
     out_dir = Path(out_dir)
-    records = load_records(captions)
+    _preflight(paths, max_length)
+    records = load_records(captions, image_token=paths.image_token)
     _seed(settings)
     dtype = _dtype(settings)
     lm = load_proxy_llm(paths.llm, Path(proxy_adapter), dtype) if proxy_adapter else None
@@ -155,9 +190,11 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
     run = train(model, MultimodalDataset(records, enc.plain, processor.image_processor, image_aspect_ratio),
                 Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
                 callbacks=callbacks,
-                fingerprint={"stage": "align", "paths": asdict(paths), "captions": [asdict(c) for c in captions],
-                             "proxy": str(proxy_adapter), "image_aspect_ratio": image_aspect_ratio,
-                             "sequence_end": sequence_end})
+                fingerprint={"stage": "align", "image_token": paths.image_token, "max_length": max_length,
+                             "add_image_token": paths.add_image_token, "proxy": proxy_adapter is not None,
+                             "image_aspect_ratio": image_aspect_ratio, "sequence_end": sequence_end,
+                             "inputs": {**_model_inputs(paths), "captions": _data_inputs(captions, records),
+                                        "proxy_adapter": content_digest(proxy_adapter)}})
     return _finish(out_dir, run, {"n_records": len(records), "proxy": proxy_adapter is not None},
                    lambda tmp: save_connector(model, tmp / CONNECTOR_FILE))
 
@@ -174,7 +211,8 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
     else `model/` (a full Llava checkpoint). The vision tower stays frozen.
     """
     out_dir = Path(out_dir)
-    records = load_records(instructions, require_image=False)
+    _preflight(paths, max_length)
+    records = load_records(instructions, require_image=False, image_token=paths.image_token)
     _seed(settings)
     model, processor = build_llava(paths.vision, paths.llm, connector_path=connector, image_token=paths.image_token,
                                    add_image_token=paths.add_image_token, dtype=_dtype(settings))
@@ -193,10 +231,12 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
     run = train(model, MultimodalDataset(records, enc.chat, processor.image_processor, image_aspect_ratio),
                 Collator(processor.tokenizer.pad_token_id), settings, _work_dir(out_dir), loss_config=loss,
                 callbacks=callbacks,
-                fingerprint={"stage": "finetune", "paths": asdict(paths), "connector": str(connector), "tune": tune,
-                             "lora": asdict(lora) if lora else None, "data": [asdict(d) for d in instructions],
-                             "image_aspect_ratio": image_aspect_ratio, "image_first": image_first,
-                             "system_prompt": system_prompt})
+                fingerprint={"stage": "finetune", "image_token": paths.image_token, "max_length": max_length,
+                             "add_image_token": paths.add_image_token, "tune": tune,
+                             "lora": asdict(lora) if lora else None, "image_aspect_ratio": image_aspect_ratio,
+                             "image_first": image_first, "system_prompt": system_prompt,
+                             "inputs": {**_model_inputs(paths), "connector": content_digest(connector),
+                                        "instructions": _data_inputs(instructions, records)}})
 
     def write(tmp: Path) -> None:
         if tune == "lora":

@@ -9,9 +9,9 @@ and a work directory that is resumed only by the same run configuration.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -20,11 +20,12 @@ from typing import Literal, Sequence
 
 import torch
 from safetensors.torch import load_file
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .errors import DPAInputError
+from .io import write_json_atomic
 from .losses import LossConfig
 from .objective import multimodal_loss, text_loss
 from .sampling import ModalityLengthGroupedSampler
@@ -204,6 +205,27 @@ class DPATrainer(Trainer):
             return load_checkpoint_weights(target, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then a completion marker written last, then the rotation.
+
+        A kill while saving leaves a checkpoint without the marker; `last_complete_checkpoint`
+        skips it. Rotation (deleting older checkpoints) runs only once the new one is complete,
+        so a complete checkpoint always remains to fall back to.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # every rank's shard is on disk before the marker
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self._stat_count and "loss" in logs:
             prefix = self.loss_config.kind
@@ -246,26 +268,116 @@ class StageProgress(TrainerCallback):
             self.bar = None
 
 
-class LossHistory(TrainerCallback):
-    """Keeps the logged per-step records, for the stage's metrics file."""
+COMPLETE_MARKER = "dpa_checkpoint_complete.json"
+FINGERPRINT_FILE = "run_fingerprint.json"
+# Wall-clock figures: they go to MLflow and to a separate untracked file, never into an output
+# that DVC hashes (a rerun with identical weights must give identical bytes).
+TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
-    def __init__(self):
-        self.records: list[dict] = []
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            self.records.append({"step": state.global_step, **logs})
+def _say(msg: str) -> None:
+    print(f"[dpa] {msg}", flush=True)
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Record every file of `checkpoint` with its size, as the last write of the checkpoint."""
+    files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*"))
+             if f.is_file() and f.name != COMPLETE_MARKER}
+    write_json_atomic(checkpoint / COMPLETE_MARKER, {"step": step, "files": files})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (None: it is complete)."""
+    marker = checkpoint / COMPLETE_MARKER
+    if not marker.is_file():
+        return "no completion marker (killed while saving?)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable completion marker"
+    for rel, size in files.items():
+        f = checkpoint / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones are reported and deleted."""
+    found = []
+    for d in Path(work_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return str(d)
+        _say(f"skipping incomplete checkpoint {d}: {problem}; deleted.")
+        shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def prepare_work_dir(work_dir: Path, fingerprint: dict) -> str | None:
-    """Resume from `work_dir`'s last checkpoint only if it was made by the same run configuration."""
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = work_dir / "run_fingerprint.txt"
-    if work_dir.exists() and (not stamp.exists() or stamp.read_text() != digest):
-        shutil.rmtree(work_dir)  # stale checkpoints of another configuration
+    """Resume from `work_dir`'s last complete checkpoint only if it was made from the same inputs.
+
+    `fingerprint` holds the effective settings and the content hashes of the input artifacts; a
+    work dir made with another one is deleted, with one line naming what changed.
+    """
+    work_dir = Path(work_dir)
+    fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    stamp = work_dir / FINGERPRINT_FILE
+    if work_dir.exists():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != fingerprint:
+            why = ("no readable fingerprint" if old is None
+                   else "made with other inputs or settings (changed: " + ", ".join(_changed_keys(old, fingerprint)[:8]) + ")")
+            if any(work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+                _say(f"discarding the checkpoints in {work_dir}: {why}.")
+            shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest)
-    return get_last_checkpoint(str(work_dir))
+    if not stamp.is_file():
+        write_json_atomic(stamp, fingerprint)
+    return last_complete_checkpoint(work_dir)
+
+
+def _final_state(checkpoint: str) -> TrainerState | None:
+    """The checkpoint's trainer state if it is the run's last step (nothing left to train)."""
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def _history(log_history: list[dict]) -> list[dict]:
+    """The per-step records of the whole run (the Trainer keeps them in every checkpoint, so a
+    resumed run has the steps before the interruption too), without wall-clock figures."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in log_history]
+
+
+def _train_loss(history: list[dict]) -> float | None:
+    """Mean training loss over every step of the run, resumed or not (each logged loss is the mean
+    over the steps since the previous log)."""
+    prev, total, last = 0, 0.0, 0
+    for r in history:
+        if "loss" in r and "step" in r:
+            total += r["loss"] * (r["step"] - prev)
+            prev = last = r["step"]
+    return total / last if last else None
 
 
 def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, loss_config: LossConfig | None = None,
@@ -278,7 +390,6 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
     # dir, the others wait (a barrier) and then only read it; concurrent rmtree's crashed.
     with args.main_process_first(local=False, desc="preparing the work dir"):
         resume = prepare_work_dir(work_dir, fp)
-    history = LossHistory()
     trainer = DPATrainer(
         model=model,
         args=args,
@@ -288,10 +399,35 @@ def train(model, dataset, collator, settings: TrainSettings, work_dir: Path, *, 
         multimodal=multimodal,
         group_by_modality_length=settings.group_by_modality_length,
         connector_learning_rate=settings.connector_learning_rate,
-        callbacks=[history, *callbacks],
+        callbacks=list(callbacks),
     )
     trainer.remove_callback(ProgressCallback)  # prints every log dict; StageProgress does not
     trainer.add_callback(StageProgress(f"{work_dir.parent.name}/{work_dir.name.removesuffix('.work')}"))
-    result = trainer.train(resume_from_checkpoint=resume)
-    return {"history": history.records, "train": dict(result.metrics), "resumed_from": resume,
-            "world_size": trainer.args.world_size, "is_main_process": trainer.is_world_process_zero()}
+    final = _final_state(resume) if resume and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled) else None
+    if final is not None:
+        # The run had finished training when it was killed (e.g. while writing its output). The
+        # Trainer would resume and run one step more than max_steps; the checkpoint is the result.
+        _say(f"{resume} holds the last step of this run: its weights are the result, no step is run")
+        trainer._load_from_checkpoint(resume)
+        history = _history(final.log_history) + [
+            {"epoch": final.epoch, "step": final.global_step, "total_flos": final.total_flos, "train_loss": None}]
+        metrics = {"epoch": final.epoch, "total_flos": final.total_flos}
+    else:
+        if resume:
+            _say(f"resuming from {resume}")
+        result = trainer.train(resume_from_checkpoint=resume)
+        history = _history(trainer.state.log_history)
+        metrics = {k: v for k, v in result.metrics.items() if k not in TIMING_KEYS}
+    mean_loss = _train_loss(history)
+    if mean_loss is not None:
+        # the Trainer's own figure averages the steps of this process only (after a resume: the
+        # resumed ones); the history's final record and the metrics get the whole run's
+        metrics["train_loss"] = mean_loss
+        for r in history:
+            if "train_loss" in r:
+                r["train_loss"] = mean_loss
+    history = [{k: v for k, v in r.items() if v is not None or k != "train_loss"} for r in history]
+    timings = {k: v for k, v in result.metrics.items() if k in TIMING_KEYS} if final is None else {}
+    return {"history": history, "train": metrics, "timings": timings,
+            "resumed_from": resume, "world_size": trainer.args.world_size,
+            "is_main_process": trainer.is_world_process_zero()}

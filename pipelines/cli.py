@@ -287,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "validate":
             p = load_params(args.params, _overrides(args.set))
             print(f"params OK (profile {p.profile}; arms {p.study.arms}; seeds {p.study.seeds})")
+            if all((Path(m) / "config.json").is_file() for m in (p.model.vision, p.model.llm)):
+                from .stages import preflight
+
+                print(preflight(p).summary())
+            else:
+                print("models not checked: model.vision / model.llm not there yet (the world stage builds the toy "
+                      "ones); every training stage checks them first.")
             return 0
         if args.cmd == "show":
             p = load_params(args.params)
@@ -323,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             return flow_cli(rest) or 0
     except DPAInputError as e:
         print(f"[dpa] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # disk full, permissions, ...: one line naming the path, not a traceback
+        from dpa_core.io import storage_error
+
+        short = storage_error(e, e.filename or "the outputs")
+        print(f"[dpa] error: {short or e}", file=sys.stderr, flush=True)
         return 2
     return 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,8 @@ def _convert(value: Any, tp, key: str):
         return build(tp, value, key)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_12.match(value.strip()):
+        return float(value.strip())  # "2e-5" from a quoted YAML value or a Prefect text field
     if tp is bool and not isinstance(value, bool):
         raise ParamsError(f"{key} must be true or false (got {value!r}).", file="params.yaml", fix="use true/false.")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -428,6 +431,45 @@ def build(cls, data: Any, key: str = ""):
 
 # ---- loading ------------------------------------------------------------------------------------
 
+# YAML 1.2's float: `2e-5`, `1e-3` and `5E-4` are floats (PyYAML follows YAML 1.1, where an exponent
+# needs a dot and a sign, so it read them as strings; DVC and ruamel read them as floats).
+FLOAT_12 = re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats and duplicate keys refused (DVC refuses them too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first is not None:
+                raise ParamsError(
+                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line {first}).",
+                    file=key_node.start_mark.name, fix="keep one of the two; YAML would silently use the last.")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_12, list("-+0123456789."))
+
+
+def load_yaml(text: str, name: str = "<string>"):
+    """YAML as params files are read everywhere here (params.yaml, profiles, -S values)."""
+    loader = ParamsLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -448,14 +490,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ParamsError(f"override {text!r} is not key=value.", fix="write e.g. proxy.lora.r=64.")
     k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    try:
+        return k.strip(), load_yaml(v, f"override {text!r}")
+    except yaml.YAMLError as e:
+        raise ParamsError(f"override {text!r}: the value is not valid YAML ({e}).",
+                          fix="quote strings, write lists as [a, b].") from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
                 profile_dir: Path | None = None) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path)) or {}
     except FileNotFoundError:
         raise ParamsError("params file not found.", file=path, fix="run from the project root.") from None
     except yaml.YAMLError as e:
@@ -469,7 +515,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         known = sorted(p.stem for p in pdir.glob("*.yaml"))
         raise ParamsError(f"unknown profile {profile!r}.{_nearest(profile, known)}", file=path,
                           fix=f"use one of {known}.")
-    merged = deep_merge(raw, yaml.safe_load(pfile.read_text()) or {})
+    try:
+        profile_data = load_yaml(pfile.read_text(), str(pfile)) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"not valid YAML: {e}", file=pfile, fix="fix the YAML syntax.") from None
+    merged = deep_merge(raw, profile_data)
     for k, v in (overrides or {}).items():  # explicit overrides win over the profile too
         set_dotted(merged, k, v)
     return build(Params, merged)

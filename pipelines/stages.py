@@ -48,6 +48,11 @@ class Layout:
         name = "-".join([stage] + ([arm] if arm else []) + ([f"seed{seed}"] if seed is not None else []))
         return self.root / "metrics" / f"{name}.json"
 
+    def timings(self, stage: str, arm: str | None = None, seed: int | None = None) -> Path:
+        """Wall-clock figures of a stage: not a DVC output or metric (they differ on every run, and
+        inside an output they made DVC rerun everything downstream of identical weights)."""
+        return self.root / "timings" / self.metrics(stage, arm, seed).name
+
 
 @dataclass
 class StageOutput:
@@ -148,6 +153,25 @@ def model_paths(p: Params):
     return ModelPaths(Path(p.model.vision), Path(p.model.llm), p.model.image_token, p.model.add_image_token)
 
 
+def preflight(p: Params):
+    """The model pair and the data code checked against each other and against every stage's
+    max_length (dpa_core.preflight); run first by every training stage and by `dpa validate`."""
+    from dpa_core.preflight import preflight as check
+
+    paths = model_paths(p)
+    return check(paths.vision, paths.llm, paths.image_token, paths.add_image_token,
+                 multimodal_lengths={"align.max_length": p.align.max_length,
+                                     "finetune.max_length": p.finetune.max_length},
+                 text_lengths={"proxy.max_length": p.proxy.max_length})
+
+
+def _log_timings(p: Params, run: StageRun, timings: dict, stage: str, arm: str | None = None,
+                 seed: int | None = None) -> None:
+    if timings:
+        run.metrics({f"time/{k}": v for k, v in timings.items()})
+        write_json_atomic(layout(p).timings(stage, arm, seed), timings)
+
+
 def _require(path: Path, stage: str) -> Path:
     if not path.exists():
         raise DPAInputError(f"input {path} does not exist.", file=path,
@@ -164,16 +188,22 @@ def world(p: Params) -> StageOutput:
         manifest = build_world(p.world.out, p.world.size, p.world.seed,
                                overrides={"verbose_style": p.world.verbose_style}, base_models=p.world.base_models)
         gap = read_json(Path(p.world.out) / "metrics" / "prior_gap.json")
+        timings = manifest.pop("timings_s", {})
         metrics = _numeric(gap, "prior_gap") | _numeric(manifest, "world")
         run.metrics(metrics)
+        _log_timings(p, run, timings, "world")
         write_json_atomic(layout(p).metrics("world"), metrics)
         return StageOutput("world", Path(p.world.out), metrics)
 
 
 def mix(p: Params) -> StageOutput:
-    from dpa_core.mixing import MixSource, mix_captions
+    from dpa_core.mixing import MixSource, check_sources, mix_captions
 
     sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
+    # Every data source of the study, instructions too: a bad instruction record stops the study
+    # here, not at finetune after the proxy and both alignments ran.
+    check_sources([(Path(s.path), Path(s.image_root)) for s in p.data.instructions], image_token=p.model.image_token,
+                  require_image=False)
     out = layout(p).mix()
     with tracked(p, "mix", None, None, {"mix": asdict(p.mix), "captions": [asdict(c) for c in p.data.captions]}) as run:
         stats = mix_captions(sources, out, total=p.mix.total, seed=p.mix.seed, dedup_records=p.mix.dedup)
@@ -186,6 +216,7 @@ def mix(p: Params) -> StageOutput:
 def proxy(p: Params, seed: int) -> StageOutput:
     from dpa_core.stages import LoraSettings, proxy_pretrain
 
+    preflight(p)
     out = layout(p).proxy(seed)
     corpus = _require(layout(p).mix() / "text_corpus.jsonl", "mix")
     with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
@@ -193,6 +224,7 @@ def proxy(p: Params, seed: int) -> StageOutput:
                              settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
                              sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "proxy", None, seed)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("proxy", None, seed), res.metrics)
         return StageOutput("proxy", out, res.metrics)
@@ -207,7 +239,11 @@ def diagnose(p: Params, seed: int) -> StageOutput:
     from dpa_core.stages import load_proxy_llm
 
     out = layout(p).diagnose(seed)
-    holdout = load_text_records(_require(layout(p).mix() / "text_holdout.jsonl", "mix"))
+    holdout_file = _require(layout(p).mix() / "text_holdout.jsonl", "mix")
+    holdout = load_text_records(holdout_file)
+    if not holdout:  # the mix refuses this; an older mix output may still hold it
+        raise DPAInputError("the mix's held-out text is empty, so there is nothing to measure.", file=holdout_file,
+                            fix="raise mix.total (each caption source needs at least 10 records) and rerun the mix.")
     adapter = _require(layout(p).proxy(seed), "proxy")
     tok = AutoTokenizer.from_pretrained(p.model.llm)
     if tok.pad_token is None:
@@ -225,6 +261,7 @@ def diagnose(p: Params, seed: int) -> StageOutput:
 def align(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, align as align_stage
 
+    preflight(p)
     use_proxy = p.arm(arm).proxy
     mix_dir = _require(layout(p).mix(), "mix")
     info = read_json(mix_dir / "mix.json")
@@ -237,6 +274,7 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
                           max_length=p.align.max_length, image_aspect_ratio=p.align.image_aspect_ratio,
                           sequence_end=p.align.sequence_end, callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "align", arm, seed)
         run.artifact(out)
         write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
         return StageOutput("align", out, res.metrics)
@@ -274,6 +312,7 @@ def reliance(p: Params, arm: str, seed: int) -> StageOutput:
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, LoraSettings, finetune as finetune_stage
 
+    preflight(p)
     out = layout(p).finetune(arm, seed)
     connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
     sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
@@ -286,6 +325,7 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
                              image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
                              callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
+        _log_timings(p, run, res.timings, "finetune", arm, seed)
         if p.finetune.tune == "lora":
             run.artifact(out / "adapter", "adapter")
         write_json_atomic(layout(p).metrics("finetune", arm, seed), res.metrics)

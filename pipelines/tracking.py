@@ -108,11 +108,29 @@ class Tracker:
             return run.info.run_id
         return self._call(f"parent run {name}", find_or_create)
 
+    def end_leftovers(self, parent_id: str, name: str) -> list[str]:
+        """End, as KILLED, the runs of this stage (same parent, same name) that a killed earlier
+        attempt left RUNNING: one stage of one arm and seed never runs twice at once (DVC's lock)."""
+        def end():
+            query = (f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.run_name = '{name}' "
+                     "and attributes.status = 'RUNNING'")
+            ids = [r.info.run_id for r in self.client.search_runs([self.experiment_id], query, max_results=100)]
+            for run_id in ids:
+                self.client.set_tag(run_id, "dpa.ended_by", "the next start of the stage (the run was killed)")
+                self.client.set_terminated(run_id, "KILLED")
+            if ids:
+                print(f"[dpa] MLflow: ended {len(ids)} run(s) of {name} left RUNNING by a killed attempt as KILLED.",
+                      flush=True)
+            return ids
+        return self._call(f"end leftover runs of {name}", end) or []
+
     @contextmanager
     def stage_run(self, parent_id: str | None, name: str, tags: dict[str, str]) -> Iterator["StageRun"]:
         """A nested run under `parent_id`. The parent shows RUNNING while the stage runs and its end
         time becomes the stage's end, so its duration spans all its stages."""
         run_id = None
+        if parent_id is not None and self.active:
+            self.end_leftovers(parent_id, name)
         if parent_id is not None:
             run = self._call(f"stage run {name}", self.client.create_run, self.experiment_id, run_name=name,
                              tags={"mlflow.parentRunId": parent_id, **tags})
@@ -121,10 +139,15 @@ class Tracker:
                 self._call("parent status", self.client.update_run, parent_id, "RUNNING")
         stage = StageRun(self, run_id, parent_id)
         status = "FAILED"
+        previous = _raise_on_sigterm()
         try:
             yield stage
             status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (a Prefect cancel, `kill`)
+            status = "KILLED"
+            raise
         finally:
+            _restore_sigterm(previous)
             if run_id:
                 self._call("end run", self.client.set_terminated, run_id, status)
                 self._call("end parent run", self.client.set_terminated, parent_id, status)
@@ -166,6 +189,27 @@ class Tracker:
                         len(self.failures), self.uri, "\n  ".join(self.failures[:20]))
             print(f"[dpa] WARNING: {len(self.failures)} MLflow item(s) not logged to {self.uri}; "
                   f"first: {self.failures[0]}", flush=True)
+
+
+def _raise_on_sigterm():
+    """SIGTERM ends the stage through its `finally` blocks (the MLflow run is marked KILLED) instead of
+    killing the process on the spot. SIGKILL cannot be caught: `end_leftovers` covers it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ui_address(uri: str) -> str:

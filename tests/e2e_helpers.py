@@ -42,33 +42,42 @@ def venv_bin() -> Path:
     return bindir if (bindir / "python").exists() else Path(sys.executable).parent
 
 
-def make_repo_copy(tmp_path: Path, profile: str | None = None) -> Path:
+# What a run of the pipeline leaves in a checkout that git does not ignore: `bash scripts/demo.sh`
+# (the README's first command) writes dvc.lock. A copy never takes it, so the tests see a pipeline
+# that has never run whatever the user did in the checkout before (issue 15: README order).
+PIPELINE_STATE = ("dvc.lock",)
+
+
+def make_repo_copy(tmp_path: Path, profile: str | None = None, source: Path | None = None) -> Path:
     """Copy the repository's working tree into `tmp_path / "repo"` and make it a git repository.
 
     Copies what `git ls-files -co --exclude-standard` lists in the source checkout (tracked files
     and untracked files that are not ignored, as they are on disk now), so ignored paths such as
-    .venv/, data/, outputs/, mlflow.db and DVC's cache (.dvc/cache, .dvc/tmp) are left behind: the
-    copy starts with an empty DVC cache and no pipeline outputs. The copy is then committed
+    .venv/, data/, outputs/, mlflow.db and DVC's cache (.dvc/cache, .dvc/tmp) are left behind, and
+    so is the pipeline state in PIPELINE_STATE (dvc.lock): the copy starts with an empty DVC cache,
+    no pipeline outputs and no record of an earlier run, whatever ran in the checkout before. The copy is then committed
     (`git init && git add -A && git commit`) so DVC sees a clean git repository.
 
     Args:
         tmp_path: a directory for the copy (e.g. pytest's tmp_path); the copy is `tmp_path/"repo"`.
         profile: when given, the `profile:` line of the copy's params.yaml is set to it (e.g.
             "smoke") before the commit, comments and layout kept.
+        source: the checkout to copy (default: this repository).
 
     Returns:
         The path of the copy. Run commands in it with `env=subprocess_env(copy)` so that `dvc` and
         `dpa` come from this project's .venv and import the copy's own `pipelines`/`dpa_core`
         (PYTHONPATH=copy; the editable install would otherwise import the source checkout's).
     """
+    source = Path(source or REPO)
     dest = Path(tmp_path) / "repo"
     dest.mkdir(parents=True, exist_ok=False)
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=source, check=True,
                             capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
-        if rel == ".venv" or rel.startswith(".venv/"):
+        if rel == ".venv" or rel.startswith(".venv/") or rel in PIPELINE_STATE:
             continue
-        src = REPO / rel
+        src = source / rel
         if not src.is_file():  # deleted since the index was read, or a directory entry
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
         (stale / f"checkpoint-{c}").mkdir(parents=True)
         for i in range(10):
             (stale / f"checkpoint-{c}" / f"f{i}").write_text("x")
-    (stale / "run_fingerprint.txt").write_text("another configuration")
+    (stale / "run_fingerprint.json").write_text('{"another": "configuration"}')
 
     _run([sys.executable, str(SCRIPT), str(data), str(one)], tmp_path / "one.log", timeout=120)
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),

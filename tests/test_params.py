@@ -50,3 +50,99 @@ def test_bad_settings_are_named(override, message):
 def test_overrides_win_over_the_profile():
     p = load_params(PARAMS, {"profile": "smoke", "align.train.max_steps": 7})
     assert p.align.train.max_steps == 7 and p.world.size == "smoke"
+
+
+# --- params as users write them (issue 15, item 3) ----------------------------------------------------
+
+import shutil  # noqa: E402
+
+from pipelines.cli import main as dpa_main  # noqa: E402
+from pipelines.params import parse_override  # noqa: E402
+
+PROFILES = ROOT / "configs" / "profiles"
+
+
+def _params_copy(tmp_path, edit=lambda text: text) -> Path:
+    dst = tmp_path / "params.yaml"
+    dst.write_text(edit(PARAMS.read_text()))
+    return dst
+
+
+@pytest.mark.parametrize("written, value", [("2e-5", 2e-5), ("1e-3", 1e-3), ("5E-4", 5e-4), ("2.0e-05", 2e-5),
+                                            ("0.002", 0.002), ("1", 1.0), ("'3e-4'", 3e-4)])
+def test_floats_as_users_write_them_in_params_yaml(tmp_path, written, value):
+    path = _params_copy(tmp_path, lambda t: t.replace("learning_rate: 0.002", f"learning_rate: {written}", 1))
+    p = load_params(path, profile_dir=PROFILES)
+    assert p.align.train.learning_rate == value and isinstance(p.align.train.learning_rate, float)
+
+
+def test_floats_in_a_profile(tmp_path):
+    pdir = tmp_path / "profiles"
+    shutil.copytree(PROFILES, pdir)
+    (pdir / "mine.yaml").write_text("proxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n    learning_rate: 5E-4\n")
+    p = load_params(PARAMS, {"profile": "mine"}, profile_dir=pdir)
+    assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (4e-5, 5e-4)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("proxy.train.learning_rate=2e-5", 2e-5), ("proxy.train.learning_rate=1e-3", 1e-3),
+    ("proxy.train.learning_rate=5E-4", 5e-4), ("proxy.train.learning_rate=0.0001", 1e-4),
+    ("proxy.lora.r=64", 64), ("study.seeds=[0,1,2]", [0, 1, 2]), ("mix.total=null", None),
+    ("mix.dedup=false", False), ("study.plain_arms=[vanilla,cal]", ["vanilla", "cal"]), ("profile=smoke", "smoke"),
+])
+def test_dpa_set_values(text, value):
+    key, parsed = parse_override(text)
+    p = load_params(PARAMS, {key: parsed})
+    got = p.to_dict()
+    for k in key.split("."):
+        got = got[k]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("proxy.train.learning_rate=2e-5", "proxy.train.learning_rate", 2e-5),
+    ("align.train.learning_rate=1e-3", "align.train.learning_rate", 1e-3),
+    ("finetune.train.learning_rate=5E-4", "finetune.train.learning_rate", 5e-4),
+    ("loss.delta_min=0.1", "loss.delta_min", 0.1),
+    ("proxy.lora.r=64", "proxy.lora.r", 64),
+    ("study.seeds=[0,1,2]", "study.seeds", [0, 1, 2]),
+    ("study.plain_arms=[vanilla,cal,cmo_only]", "study.plain_arms", ["vanilla", "cal", "cmo_only"]),
+    ("mix.total=null", "mix.total", None),
+    ("mix.total=40", "mix.total", 40),
+    ("mix.dedup=false", "mix.dedup", False),
+    ("profile=smoke", "profile", "smoke"),
+    ("evaluate.limit=24", "evaluate.limit", 24),
+])
+def test_dvc_exp_run_set_values(tmp_path, override, key, value):
+    """What `dvc exp run -S` writes into params.yaml (DVC's own code, hydra grammar, ruamel dump)
+    is read back as the value the user meant."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = _params_copy(tmp_path)
+    apply_overrides(path, [override])
+    got = load_params(path, profile_dir=PROFILES).to_dict()
+    for k in key.split("."):
+        got = got[k]
+    assert got == value and type(got) is type(value)
+
+
+def test_prefect_parameters_take_floats_as_text_or_numbers(tmp_path):
+    from pipelines.prefect_flow import build_overrides, render_params
+
+    for given in ("2e-5", 2e-5):
+        ov = build_overrides(overrides={"proxy.train.learning_rate": given, "finetune": {"train": {"learning_rate": "5E-4"}}})
+        path = tmp_path / "params.yaml"
+        path.write_text(render_params(PARAMS.read_text(), ov))
+        p = load_params(path, profile_dir=PROFILES)
+        assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (2e-5, 5e-4)
+
+
+def test_duplicate_key_is_rejected_by_dpa_validate(tmp_path, capsys):
+    path = _params_copy(tmp_path, lambda t: t.replace("  seed: 0                # the world's data seed",
+                                                      "  seed: 0\n  seed: 1                # the world's data seed", 1))
+    line = path.read_text().splitlines().index("  seed: 1                # the world's data seed (fixed across study seeds)") + 1
+    shutil.copytree(PROFILES, tmp_path / "configs" / "profiles")
+    assert dpa_main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"duplicate key 'seed' at line {line} (first at line {line - 1})" in err and str(path) in err
+    assert "Fix:" in err and len(err.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from dpa_core.errors import DPAInputError
 from dpa_core.losses import LossConfig
 from dpa_core.modeling import build_llava, save_connector
 from dpa_core.stages import DataSource, LoraSettings, ModelPaths, align, finetune, merge, proxy_pretrain
-from dpa_core.trainer import TrainSettings, prepare_work_dir
+from dpa_core.trainer import COMPLETE_MARKER, TrainSettings, mark_complete, prepare_work_dir
 from tests.tiny_models import make_llm
 
 # No warmup: with a 3% warmup over 2 steps the first step would have learning rate 0.
@@ -288,12 +288,14 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(kind, world, align_run
     assert not out.exists()  # no half-written output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stage")]  # nor a temporary sibling
     work = tmp_path / "stage.work"
-    assert (work / "checkpoint-2").is_dir() and (work / "run_fingerprint.txt").is_file()
+    assert (work / "checkpoint-2").is_dir() and (work / "run_fingerprint.json").is_file()
+    assert (work / "checkpoint-2" / COMPLETE_MARKER).is_file()
 
     steps = Steps()
     res = run(out, RESUME, [steps])
     assert steps.steps == [3, 4]  # continued after step 2 instead of starting over
-    assert [r["step"] for r in res.history if "loss" in r] == [3, 4]
+    # The history survives the resume (it travels in the checkpoint), so it covers every step.
+    assert [r["step"] for r in res.history if "loss" in r] == [1, 2, 3, 4]
     assert (out / weights).is_file() and not work.exists()
 
     # The weights are those of a run that was never interrupted (so the checkpoint's weights, not
@@ -303,6 +305,40 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(kind, world, align_run
     assert a.keys() == b.keys()
     for k in b:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    # ... and so are the history and the mean training loss (not the resumed steps' only).
+    assert [r["loss"] for r in res.history if "loss" in r] == pytest.approx(
+        [r["loss"] for r in whole.history if "loss" in r], rel=1e-5)
+    assert res.metrics["train/train_loss"] == pytest.approx(whole.metrics["train/train_loss"], rel=1e-5)
+    # byte for byte, so DVC sees the same output whether or not the run was interrupted
+    for name in ("history.json", "metrics.json"):
+        assert (out / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
+
+
+class CrashAtEnd(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        raise RuntimeError("simulated kill after the last checkpoint")
+
+
+def test_kill_after_the_last_checkpoint_runs_no_extra_step(world, tmp_path):
+    """Killed while writing the output, after the final checkpoint: the Trainer resumed from it and
+    trained one step past max_steps (invisible with cosine, whose last lr is 0; here the lr is
+    constant)."""
+    constant = TrainSettings(**{**RESUME.__dict__, "lr_scheduler": "constant"})
+    run, weights = _resumable("align", world, None)
+    out = tmp_path / "stage"
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(out, constant, [CrashAtEnd()])
+    assert (tmp_path / "stage.work" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    steps = Steps()
+    res = run(out, constant, [steps])
+    assert steps.steps == []
+    whole = run(tmp_path / "whole", constant, [])
+    a, b = load_file(str(out / weights)), load_file(str(whole.out_dir / weights))
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in res.history] == [r["step"] for r in whole.history]
+    for name in ("history.json", "metrics.json"):
+        assert (out / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
 
 
 def test_changed_configuration_does_not_resume(world, tmp_path):
@@ -316,17 +352,90 @@ def test_changed_configuration_does_not_resume(world, tmp_path):
     assert steps.steps == [1, 2, 3, 4]  # started over: the stale checkpoints were not used
 
 
-def test_prepare_work_dir(tmp_path):
+def _checkpoint(work: Path, step: int, complete: bool = True) -> Path:
+    d = work / f"checkpoint-{step}"
+    d.mkdir()
+    (d / "trainer_state.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    if complete:
+        mark_complete(d, step)
+    return d
+
+
+def test_prepare_work_dir(tmp_path, capsys):
     work = tmp_path / "w"
     assert prepare_work_dir(work, {"a": 1}) is None
-    (work / "checkpoint-3").mkdir()
-    (work / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    _checkpoint(work, 3)
     assert prepare_work_dir(work, {"a": 1}) == str(work / "checkpoint-3")
-    assert prepare_work_dir(work, {"a": 2}) is None  # another configuration: wiped
+    assert prepare_work_dir(work, {"a": 2}) is None  # another configuration: wiped, with one line saying why
     assert not (work / "checkpoint-3").exists()
-    (work / "checkpoint-5").mkdir()
-    (work / "run_fingerprint.txt").unlink()  # checkpoints of unknown origin are not trusted either
+    assert "discarding the checkpoints" in capsys.readouterr().out
+    _checkpoint(work, 5)
+    (work / "run_fingerprint.json").unlink()  # checkpoints of unknown origin are not trusted either
     assert prepare_work_dir(work, {"a": 2}) is None and not (work / "checkpoint-5").exists()
+    out = capsys.readouterr().out
+    assert "no readable fingerprint" in out and len(out.strip().splitlines()) == 1
+
+
+def test_changed_input_content_is_named(tmp_path, capsys):
+    work = tmp_path / "w"
+    fp = {"settings": {"lr": 1}, "inputs": {"proxy_adapter": "aaa", "llm": "bbb"}}
+    prepare_work_dir(work, fp)
+    _checkpoint(work, 2)
+    assert prepare_work_dir(work, {**fp, "inputs": {"proxy_adapter": "ccc", "llm": "bbb"}}) is None
+    line = capsys.readouterr().out.strip()
+    assert "changed: inputs.proxy_adapter)" in line and "\n" not in line
+
+
+def test_incomplete_checkpoints_are_skipped(tmp_path, capsys):
+    work = tmp_path / "w"
+    prepare_work_dir(work, {"a": 1})
+    _checkpoint(work, 2)
+    _checkpoint(work, 4, complete=False)  # killed while saving: no marker
+    (_checkpoint(work, 3) / "model.safetensors").write_bytes(b"")  # marker, but the file is truncated
+    assert prepare_work_dir(work, {"a": 1}) == str(work / "checkpoint-2")
+    out = capsys.readouterr().out
+    assert "checkpoint-4: no completion marker" in out
+    assert "checkpoint-3: model.safetensors has 0 bytes, 100 were written" in out
+    assert not (work / "checkpoint-4").exists() and not (work / "checkpoint-3").exists()
+
+
+def test_kill_during_a_checkpoint_save_falls_back_to_the_previous_one(world, tmp_path):
+    """A checkpoint whose weights file was cut short (a kill while saving) is skipped: the run
+    resumes from the one before and still ends with the weights of an uninterrupted run."""
+    run, weights = _resumable("align", world, None)
+    out = tmp_path / "stage"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(out, RESUME, [Crash()])
+    work = tmp_path / "stage.work"
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    (work / "checkpoint-2" / "model.safetensors").write_bytes(b"")  # what the kill left
+    steps = Steps()
+    res = run(out, RESUME, [steps])
+    assert steps.steps == [2, 3, 4]
+    assert [r["step"] for r in res.history if "loss" in r] == [1, 2, 3, 4]
+    whole = run(tmp_path / "whole", RESUME, [])
+    a, b = load_file(str(out / weights)), load_file(str(whole.out_dir / weights))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_changed_input_content_does_not_resume(world, tmp_path, capsys):
+    """Same paths, other bytes (the proxy retrained, the data regenerated): the checkpoints go."""
+    caps = tmp_path / "caps.json"
+    caps.write_text((world["dir"] / "caps.json").read_text())
+    src = [DataSource(caps, world["images"])]
+    out = tmp_path / "align"
+    with pytest.raises(RuntimeError):
+        align(world["paths"], src, out, loss=LossConfig("cmo"), settings=RESUME, callbacks=[Crash()])
+    recs = json.loads(caps.read_text())
+    recs[0]["conversations"][1]["value"] = "a brown hexagon at the top"
+    caps.write_text(json.dumps(recs))
+    capsys.readouterr()
+    steps = Steps()
+    align(world["paths"], src, out, loss=LossConfig("cmo"), settings=RESUME, callbacks=[steps])
+    assert steps.steps == [1, 2, 3, 4]
+    assert "changed: inputs.captions.files)" in capsys.readouterr().out
 
 
 # --- 7. validation happens before training starts ------------------------------------------------------

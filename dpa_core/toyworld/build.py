@@ -193,6 +193,13 @@ def _copy_base_models(src: Path, dest: Path, ws: WorldSize, seed: int, data: Wor
     return manifest
 
 
+def _without_timings(d):
+    """The manifest as written: every `timings_s` (wall clock, different on every build) left out."""
+    if isinstance(d, dict):
+        return {k: _without_timings(v) for k, v in d.items() if k != "timings_s"}
+    return d
+
+
 def _build(out_dir: Path, size: str | WorldSize, ws: WorldSize, seed: int, base_models: Path | None) -> dict:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -258,5 +265,6 @@ def _build(out_dir: Path, size: str | WorldSize, ws: WorldSize, seed: int, base_
             "bytes": _bytes_on_disk(root),
             "versions": _versions(),
         }
-        write_json_atomic(root / "manifest.json", manifest)
+        # timings_s is returned, not written: the world is a DVC output, same inputs -> same bytes
+        write_json_atomic(root / "manifest.json", _without_timings(manifest))
     return manifest
