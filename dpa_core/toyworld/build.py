@@ -127,6 +127,18 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _stopwatch(timings: dict[str, float]):
+    """lap(name) records the seconds since the previous lap (or since this call) under name."""
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
+
+    return lap
+
+
 def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -134,13 +146,7 @@ def _versions() -> dict:
 def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData) -> dict:
     """Tokenizer + LLM into root/llm, CLIP into root/clip; returns their statistics and timings."""
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+    lap = _stopwatch(timings)
 
     with torch.random.fork_rng():
         corpus = llm_corpus(ws, rng_for(seed, "llm-corpus"), data.people, {s.key() for s in data.bench})
@@ -202,13 +208,7 @@ def _without_timings(d):
 
 def _build(out_dir: Path, size: str | WorldSize, ws: WorldSize, seed: int, base_models: Path | None) -> dict:
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+    lap = _stopwatch(timings)
 
     with atomic_dir(out_dir) as root:
         data = make_world_data(ws, seed)
