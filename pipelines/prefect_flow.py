@@ -461,7 +461,7 @@ def read_stage_graph(project_dir: str, settings: dict[str, Any]) -> dict[str, li
     p = validate(project_dir, {})
     # the arm/seed stages DVC expanded must be the study's (a study.* value set in a profile is not
     # seen by dvc.yaml, which reads params.yaml only); other stages of dvc.yaml are not checked
-    families = {"proxy", "diagnose", "align", "finetune", "merge", "evaluate"}
+    families = {"proxy", "diagnose", "align", "reliance", "finetune", "merge", "evaluate"}
     got = {s for s in graph if "@" in s and stage_family(s) in families}
     want = {s for s in expected_stages(p) if "@" in s}
     if got != want:

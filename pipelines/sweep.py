@@ -48,7 +48,8 @@ def read_point(outputs: Path, value: float, arm: str = "dpa") -> dict:
     if not diagnose:
         raise DPAInputError(f"sweep point {value}: no diagnose metrics in {outputs / 'metrics'}.",
                             fix="the sweep needs a proxy arm (study.proxy_arms), which runs the diagnose stage.")
-    own = read_json(world).get("prior_gap/ppl/own_style")
+    w = read_json(world)
+    own = w.get("prior_gap/ppl.own_style", w.get("prior_gap/ppl/own_style"))
     verbose = [read_json(f).get("ppl/base/verbose") for f in diagnose]
     if own is None or None in verbose:
         raise DPAInputError(f"sweep point {value}: no perplexity of the own style or of the verbose captions.",

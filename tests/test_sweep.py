@@ -20,7 +20,7 @@ def _write(path, obj):
 
 
 def _fake_run(out, verbose_ppl, diff):
-    _write(out / "metrics" / "world.json", {"prior_gap/ppl/own_style": 2.0})
+    _write(out / "metrics" / "world.json", {"prior_gap/ppl.own_style": 2.0})
     _write(out / "metrics" / "diagnose-seed0.json", {"ppl/base/verbose": verbose_ppl, "ppl/base/terse": 5.0})
     key = "dpa_minus_vanilla/toy_mcq/lik/overall"
     _write(out / "compare" / "metrics.json", {key: diff, f"{key}/ci_low": diff - 0.03, f"{key}/ci_high": diff + 0.03,
