@@ -100,6 +100,9 @@ def subprocess_env(repo: Path | None = None, **extra: str) -> dict[str, str]:
     analytics; with `repo`, PYTHONPATH=repo so `dpa` imports the copy's code, not the editable
     install's (which points at the source checkout)."""
     env = dict(os.environ)
+    # mlflow.set_tracking_uri() (called by in-process tests) exports MLFLOW_TRACKING_URI; a pipeline
+    # started here must log to its own repository's store unless a test passes one explicitly.
+    env.pop("MLFLOW_TRACKING_URI", None)
     env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "")])
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
     if repo is not None:
