@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from dpa_core.errors import DPAInputError
-from dpa_core.evaluation.flat_metrics import category_key, is_likelihood_key, likelihood_key, metric_part
+from dpa_core.evaluation.flat_metrics import (CLOZE, LIKELIHOOD, category_key, is_likelihood_key, likelihood_key,
+                                              metric_part, scoring_mode)
 from dpa_core.evaluation.paired import PairedDifference, paired_bootstrap, questions_needed
 from dpa_core.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
@@ -66,8 +67,8 @@ def collect(p, layout) -> dict[str, dict[int, dict[str, float]]]:
 
 
 def _column_order(key: str) -> tuple:
-    """Per benchmark: generation before likelihood, the overall score before the categories."""
-    return key.split("/", 1)[0], is_likelihood_key(key), not key.endswith("/overall"), key
+    """Per benchmark: generation, then likelihood, then cloze; the overall score before the categories."""
+    return key.split("/", 1)[0], (None, LIKELIHOOD, CLOZE).index(scoring_mode(key)), not key.endswith("/overall"), key
 
 
 def summarise(rows: dict) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
@@ -105,10 +106,12 @@ def paired_difference(rows: dict, a: str, b: str, metric_fn) -> tuple[float, flo
 
 def read_verdicts(path: Path) -> dict[str, dict[str, tuple[str, bool]]]:
     """{metric key: {question index: (category, correct)}} from a built-in benchmark's predictions.jsonl,
-    for the generation keys ("<name>/overall", "<name>/<category>") and, where scored, the likelihood keys."""
+    for the generation keys ("<name>/overall", "<name>/<category>") and, where scored, the likelihood
+    and cloze keys."""
     name = path.parent.name
     gen: dict[str, tuple[str, bool]] = {}
     lik: dict[str, tuple[str, bool]] = {}
+    cloze: dict[str, tuple[str, bool]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -117,12 +120,15 @@ def read_verdicts(path: Path) -> dict[str, dict[str, tuple[str, bool]]]:
             gen[str(rec["index"])] = (str(rec["category"]), bool(rec["correct"]))
             if rec.get("lik_correct") is not None:
                 lik[str(rec["index"])] = (str(rec["category"]), bool(rec["lik_correct"]))
+            if rec.get("cloze_correct") is not None:
+                cloze[str(rec["index"])] = (str(rec["category"]), bool(rec["cloze_correct"]))
         except (json.JSONDecodeError, KeyError) as err:
             raise DPAInputError(f"line {n} is not a prediction record ({err!r}).", file=path, record=n,
                                 fix="rerun the evaluate stage; predictions.jsonl is written by the built-in scorer.")
     out: dict[str, dict[str, tuple[str, bool]]] = {}
     for verdicts, key_of in ((gen, lambda c: category_key(name, c) if c else f"{metric_part(name)}/overall"),
-                             (lik, lambda c: likelihood_key(name, c))):
+                             (lik, lambda c: likelihood_key(name, c)),
+                             (cloze, lambda c: likelihood_key(name, c, CLOZE))):
         if verdicts:
             out[key_of(None)] = verdicts
             for cat in sorted({c for c, _ in verdicts.values()}):
@@ -243,13 +249,16 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
             diffs[arm][m] = paired_difference(rows, arm, BASELINE, fn)
         boots[arm] = {m: b for m in columns if (b := bootstrap_pair(verdicts, arm, BASELINE, m)) is not None}
 
-    gen_columns = [c for c in columns if not is_likelihood_key(c)]
-    lik_columns = [c for c in columns if is_likelihood_key(c)]
+    gen_columns = [c for c in columns if scoring_mode(c) is None]
+    lik_columns = [c for c in columns if scoring_mode(c) == LIKELIHOOD]
+    cloze_columns = [c for c in columns if scoring_mode(c) == CLOZE]
     md = io.StringIO()
     md.write(f"# DPA study: {p.profile} profile\n\nScores in %, mean ± std over seeds. "
              f"Differences: mean [95% bootstrap CI over questions and seeds, {N_RESAMPLES} resamples].\n\n")
     _table(md, "Generation (greedy reply, option extracted)", gen_columns, table, arms, n_seeds, diffs, boots)
     _table(md, "Likelihood (highest option-letter log-probability)", lik_columns, table, arms, n_seeds, diffs, boots)
+    _table(md, "Cloze (plain question; the option whose full answer is most likely, no letters)", cloze_columns,
+           table, arms, n_seeds, diffs, boots)
 
     # The paired differences, one line per benchmark metric, with the verdict and the sizing figures.
     stat_rows = []
@@ -265,7 +274,9 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 md.write(f"| {arm} − {BASELINE} | {m} | {100 * b.mean:+.1f} | [{100 * b.ci_low:+.1f}, "
                          f"{100 * b.ci_high:+.1f}] | {b.verdict(arm, BASELINE)} | {100 * b.half_width:.1f} | "
                          f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} |\n")
-        head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads]
+        # The headline of every scoring mode: a benchmark's overall score by generation, letters, cloze.
+        head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads or
+                (scoring_mode(m) is not None and m.endswith("/overall"))]
         for arm, m, b, need in head:
             sizing = (f"a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points at one seed needs about {need} questions "
                       f"at the observed discordance ({100 * b.discordance:.1f}%)" if need else
@@ -321,7 +332,7 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
         write_text_atomic(tmp / "comparison.csv", csv_buf.getvalue())
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "plot.json", plot_rows)
-        chart(table, [*gen_columns, *lik_columns], boots, tmp / "comparison.png", f"DPA study ({p.profile})")
+        chart(table, [*gen_columns, *lik_columns, *cloze_columns], boots, tmp / "comparison.png", f"DPA study ({p.profile})")
     print(md.getvalue(), flush=True)
 
     if log_parent is not None:

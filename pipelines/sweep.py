@@ -24,7 +24,8 @@ from pathlib import Path
 from dpa_core.errors import DPAInputError
 from dpa_core.io import read_json, write_json_atomic, write_text_atomic
 
-METRICS = ("toy_mcq/lik/overall", "toy_mcq/overall")
+# Cloze first: at toy scale it is the scoring mode that reads above chance (docs/toyworld.md).
+METRICS = ("toy_mcq/cloze/overall", "toy_mcq/lik/overall", "toy_mcq/overall")
 
 
 def parse_values(text: str) -> list[float]:

@@ -144,3 +144,88 @@ def test_text_oracle_with_the_real_llm(tiny_paths, tmp_path):
     req = GenerationRequest("there is one shape.\n" + mcq_prompt("q?", OPTIONS))
     alone = model.option_logprobs([req], [list(OPTIONS)])[0]
     assert alone == pytest.approx(reference_letter_logprobs(model, req), abs=1e-4)
+
+
+# ---- cloze: each option's full answer scored by likelihood, no letters ---------------------------
+
+CLOZE = {k: f"the circle is {v}." for k, v in OPTIONS.items()}
+
+
+def reference_reply_logprob(gen, request: GenerationRequest, reply: str) -> float:
+    """One request alone, no padding: the prompt's generation prompt, then the reply, summed
+    log-probabilities of the reply's tokens from a plain forward over the whole text."""
+    full = gen._encode([GenerationRequest(request.prompt, request.images, request.load_images, reply=reply)])
+    n = len(gen.tokenizer(reply, add_special_tokens=False)["input_ids"])
+    ids = full["input_ids"][0]
+    with torch.no_grad():
+        logp = gen.model(**full).logits[0].float().log_softmax(-1)
+    return float(sum(logp[t - 1, ids[t]] for t in range(len(ids) - n, len(ids))))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cloze_sums_the_reply_tokens_whatever_the_batching(llava, side):
+    requests = [GenerationRequest(p, r.images) for p, r in zip(PROMPTS, mcq_requests())]
+    old = llava.tokenizer.padding_side
+    llava.tokenizer.padding_side = side
+    try:
+        if side == "right":  # the reply must end every row: right padding is refused, not misread
+            with pytest.raises(ValueError, match="left padding"):
+                llava.reply_logprobs(requests, [CLOZE] * len(requests), batch_size=8)
+            return
+        batched = llava.reply_logprobs(requests, [CLOZE] * len(requests), batch_size=8)
+    finally:
+        llava.tokenizer.padding_side = old
+    for request, got in zip(requests, batched):
+        want = {k: reference_reply_logprob(llava, request, text) for k, text in CLOZE.items()}
+        assert got == pytest.approx(want, abs=1e-3)
+    assert len({max(g, key=g.get) for g in batched} | {min(g, key=g.get) for g in batched}) > 1
+
+
+def cloze_rows(n: int = 4) -> list[dict]:
+    rows = scene_rows(n)
+    for r in rows:
+        r.update({f"cloze_{k}": text for k, text in CLOZE.items()})
+    return rows
+
+
+class ScriptedCloze(ScriptedLetters):
+    def __init__(self, replies, favourites, cloze_favourites):
+        super().__init__(replies, favourites)
+        self.cloze_favourites, self.cloze_requests = cloze_favourites, []
+
+    def reply_logprobs(self, requests, replies, **kwargs):
+        self.cloze_requests = list(requests)
+        return [{k: (0.0 if k == fav else -3.0) for k in row} for row, fav in zip(replies, self.cloze_favourites)]
+
+
+def test_cloze_is_a_third_score_with_the_plain_question(tmp_path):
+    tsv = write_benchmark_tsv(cloze_rows(), tmp_path / "toy_mcq.tsv")
+    gen = ScriptedCloze(["A", "C", "C", "nonsense"], favourites=["A", "B", "C", "A"], cloze_favourites=["A", "B", "D", "D"])
+    metrics = evaluate_text_oracle(None, tsv, tmp_path / "out", generator=gen)
+    # the scene, then the bare question: no options, no letter instruction
+    assert gen.cloze_requests[0].prompt == "there is one shape. a large red circle is at the center.\nPicture 0: what colour fills it?"
+    assert metrics["toy_mcq/cloze/overall"] == pytest.approx(3 / 4)  # A, B right; D for C wrong; D right
+    assert metrics["toy_mcq/lik/overall"] == pytest.approx(3 / 4)
+    assert metrics["toy_mcq/overall"] == pytest.approx(2 / 4)
+    preds = [json.loads(line) for line in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
+    assert [p["cloze_choice"] for p in preds] == ["A", "B", "D", "D"]
+
+
+def test_cloze_needs_an_answer_for_every_option(tmp_path):
+    rows = cloze_rows()
+    rows[1]["cloze_C"] = ""
+    tsv = write_benchmark_tsv(rows, tmp_path / "toy_mcq.tsv")
+    with pytest.raises(DPAInputError, match=r"no cloze answer for option\(s\) \['C'\]") as err:
+        evaluate_tsv(None, tsv, tmp_path / "out", generator=ScriptedCloze([""] * 4, ["A"] * 4, ["A"] * 4))
+    assert "toy_mcq.tsv" in str(err.value) and "'1'" in str(err.value) and "cloze_C" in str(err.value)
+
+
+def test_cloze_with_the_real_models(tiny_paths, tiny_llava_dir, tmp_path):
+    rows = cloze_rows()
+    tsv = write_benchmark_tsv(rows, tmp_path / "toy_mcq.tsv")
+    oracle = evaluate_text_oracle(tiny_paths["llm"], tsv, tmp_path / "ceiling", batch_size=3, max_new_tokens=2, device="cpu")
+    assert {"toy_mcq/cloze/overall", "meta/toy_mcq/cloze_n_correct"} <= set(oracle)
+    mllm = evaluate_tsv(tiny_llava_dir, tsv, tmp_path / "mllm", batch_size=3, max_new_tokens=2, device="cpu")
+    assert "toy_mcq/cloze/overall" in mllm
+    preds = [json.loads(line) for line in (tmp_path / "mllm/predictions.jsonl").read_text().splitlines()]
+    assert all(set(p["cloze_logprobs"]) == set("ABCD") for p in preds)

@@ -117,11 +117,14 @@ def test_training_records_are_well_formed(world):
 
 def test_benchmark_formats(world):
     rows = read_tsv(world / "bench/toy_mcq.tsv")
-    assert list(rows[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text"]
+    assert list(rows[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text",
+                             "cloze_A", "cloze_B", "cloze_C", "cloze_D"]
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
     assert {r["category"] for r in rows} == {"color", "shape", "position", "count", "relation"}
     for r in rows:
         assert r["answer"] in "ABCD" and len({r[k] for k in "ABCD"}) == 4
+        # each cloze answer holds its own option, and the right one is the own-style answer
+        assert all(r[k] in r[f"cloze_{k}"] for k in "ABCD") and len({r[f"cloze_{k}"] for k in "ABCD"}) == 4
     with Image.open(io.BytesIO(base64.b64decode(rows[0]["image"]))) as im:
         assert im.size == (32, 32) and im.mode == "RGB"
     facts = [json.loads(line) for line in (world / "text_bench/facts.jsonl").read_text().splitlines()]

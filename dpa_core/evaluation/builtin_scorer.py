@@ -3,15 +3,17 @@ extracted and scored here, without VLMEvalKit.
 
 Multiple choice is scored by generation + extraction ("<name>/overall", "<name>/<category>") and,
 when the model gives log-probabilities, by likelihood ("<name>/lik/overall", "<name>/lik/<category>":
-the option letter with the highest log-probability at the answer position, one batched forward).
+the option letter with the highest log-probability at the answer position, one batched forward) and,
+for benchmarks with cloze answers (cloze_A.. columns), by cloze ("<name>/cloze/..."): the plain
+question without options, each option's full answer scored by its summed log-probability.
 
 Writes into out_dir (atomically: all files or none):
   scores.json       flat numeric metrics "<name>/overall", "<name>/<category>", "<name>/lik/...",
                     "meta/<name>/n", ...
   summary.json      {"benchmark", "kind", "overall", "by_category", "n", "n_correct", "n_unparsed",
-                    "likelihood": {"overall", "by_category", "n_correct"}, ...}
+                    "likelihood": {...}, "cloze": {"overall", "by_category", "n_correct"}, ...}
   predictions.jsonl one line per question: index, category, prediction, extracted, answer, correct, unparsed,
-                    and for likelihood scoring lik_choice, lik_correct, lik_logprobs
+                    and for likelihood scoring lik_choice, lik_correct, lik_logprobs (cloze_* alike)
 
 `evaluate_text_oracle` asks a plain LLM the same questions with the scene given as text (the TSV's
 scene_text column) instead of the image: the text-oracle ceiling.
@@ -30,7 +32,7 @@ from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, flatten_summary, meta_key
 from ..errors import DPAInputError
 from .llava_generation import GenerationRequest, LlavaGenerator, TextChatModel
-from .prompts import item_prompt
+from .prompts import cloze_prompt, item_prompt
 from .scoring import ScoredItem, score_benchmark, summarize
 from .tsv_benchmark import MCQ, TsvBenchmark, load_item_images, read_tsv_benchmark
 
@@ -38,19 +40,19 @@ from .tsv_benchmark import MCQ, TsvBenchmark, load_item_images, read_tsv_benchma
 GenerateFn = Callable[..., list[str]]
 
 
-def benchmark_requests(bench: TsvBenchmark) -> list[GenerationRequest]:
-    return [GenerationRequest(item_prompt(it), load_images=partial(load_item_images, it, bench.path))
+def benchmark_requests(bench: TsvBenchmark, prompt=item_prompt) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt(it), load_images=partial(load_item_images, it, bench.path))
             for it in bench.items]
 
 
-def text_oracle_requests(bench: TsvBenchmark) -> list[GenerationRequest]:
+def text_oracle_requests(bench: TsvBenchmark, prompt=item_prompt) -> list[GenerationRequest]:
     """The MLLM's prompt with the scene as text before it, and no image."""
     missing = [it.index for it in bench.items if not it.scene_text]
     if missing:
         raise DPAInputError(f"{len(missing)} row(s) have no scene_text (first: {missing[0]!r}).", file=bench.path,
                             record=missing[0], fix="fill the scene_text column for every row (the toy world "
                             "writes it), or leave the column out to skip the text-oracle ceiling.")
-    return [GenerationRequest(f"{it.scene_text}\n{item_prompt(it)}") for it in bench.items]
+    return [GenerationRequest(f"{it.scene_text}\n{prompt(it)}") for it in bench.items]
 
 
 def has_scene_text(tsv_path: str | os.PathLike) -> bool:
@@ -63,8 +65,9 @@ def write_scored_outputs(out_dir: str | os.PathLike, summary: dict, scored: list
     metrics = flatten_summary(summary)
     if "generation" in summary:
         metrics[meta_key(summary["benchmark"], "seconds")] = summary["generation"]["seconds"]
-    if "likelihood" in summary and "seconds" in summary["likelihood"]:
-        metrics[meta_key(summary["benchmark"], "lik_seconds")] = summary["likelihood"]["seconds"]
+    for mode, key in (("likelihood", "lik_seconds"), ("cloze", "cloze_seconds")):
+        if mode in summary and "seconds" in summary[mode]:
+            metrics[meta_key(summary["benchmark"], key)] = summary[mode]["seconds"]
     metrics = check_flat(metrics)
     with atomic_dir(out_dir) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -76,7 +79,8 @@ def write_scored_outputs(out_dir: str | os.PathLike, summary: dict, scored: list
 
 
 def _answer_and_score(bench: TsvBenchmark, requests: list[GenerationRequest], generate, out_dir, *,
-                      batch_size: int, max_new_tokens: int, likelihood: bool | None, extra: dict) -> dict:
+                      batch_size: int, max_new_tokens: int, likelihood: bool | None, extra: dict,
+                      cloze_requests: list[GenerationRequest] | None = None) -> dict:
     start = time.perf_counter()
     replies = generate(requests, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=bench.name)
     seconds = time.perf_counter() - start
@@ -90,13 +94,23 @@ def _answer_and_score(bench: TsvBenchmark, requests: list[GenerationRequest], ge
         found = generate.option_logprobs(requests, letters, batch_size=batch_size, desc=f"{bench.name} (likelihood)")
         logprobs = {it.index: lp for it, lp in zip(bench.items, found, strict=True)}
         lik_seconds = time.perf_counter() - start
-    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies, strict=True)}, logprobs)
+    cloze, cloze_seconds = None, None
+    if (likelihood and bench.kind == MCQ and hasattr(generate, "reply_logprobs") and cloze_requests is not None
+            and all(it.cloze for it in bench.items)):
+        start = time.perf_counter()
+        found = generate.reply_logprobs(cloze_requests, [it.cloze for it in bench.items], batch_size=batch_size,
+                                        desc=f"{bench.name} (cloze)")
+        cloze = {it.index: lp for it, lp in zip(bench.items, found, strict=True)}
+        cloze_seconds = time.perf_counter() - start
+    scored = score_benchmark(bench, {it.index: r for it, r in zip(bench.items, replies, strict=True)}, logprobs, cloze)
     summary = summarize(bench.name, bench.kind, scored) | extra | {
         "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "greedy": True,
                        "seconds": round(seconds, 3)},
     }
     if "likelihood" in summary:
         summary["likelihood"] |= {"batch_size": batch_size, "seconds": round(lik_seconds, 3)}
+    if "cloze" in summary:
+        summary["cloze"] |= {"batch_size": batch_size, "seconds": round(cloze_seconds, 3)}
     return write_scored_outputs(out_dir, summary, scored)
 
 
@@ -124,7 +138,8 @@ def evaluate_tsv(
     extra = {"tsv": str(Path(tsv_path).resolve()),
              "model_dir": str(Path(model_dir).resolve()) if model_dir is not None else None}
     return _answer_and_score(bench, benchmark_requests(bench), generate, out_dir, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, likelihood=likelihood, extra=extra)
+                             max_new_tokens=max_new_tokens, likelihood=likelihood, extra=extra,
+                             cloze_requests=benchmark_requests(bench, cloze_prompt))
 
 
 def evaluate_text_oracle(
@@ -147,4 +162,5 @@ def evaluate_text_oracle(
     extra = {"tsv": str(Path(tsv_path).resolve()), "llm_dir": str(Path(llm_dir).resolve()) if llm_dir else None,
              "text_oracle": True}
     return _answer_and_score(bench, requests, generate, out_dir, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, likelihood=None, extra=extra)
+                             max_new_tokens=max_new_tokens, likelihood=None, extra=extra,
+                             cloze_requests=text_oracle_requests(bench, cloze_prompt))

@@ -11,10 +11,13 @@ import re
 
 # Metric names the evaluators write themselves; a category that happens to share one is
 # written as "cat_<name>" so it cannot overwrite it.
-RESERVED = frozenset({"overall", "acc", "acc_norm", "lik"})
+RESERVED = frozenset({"overall", "acc", "acc_norm", "lik", "cloze"})
 META = "meta"
 # Likelihood-scored multiple choice: "<benchmark>/lik/overall", "<benchmark>/lik/<category>".
 LIKELIHOOD = "lik"
+# Cloze-scored multiple choice (each option's full answer by likelihood, no letters):
+# "<benchmark>/cloze/overall", "<benchmark>/cloze/<category>".
+CLOZE = "cloze"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
@@ -44,18 +47,31 @@ def flatten_summary(summary: dict) -> dict[str, float]:
         for category, acc in lik["by_category"].items():
             flat[likelihood_key(name, category)] = float(acc)
         flat[meta_key(name, "lik_n_correct")] = int(lik["n_correct"])
+    cloze = summary.get("cloze")
+    if cloze:
+        flat[likelihood_key(name, None, CLOZE)] = float(cloze["overall"])
+        for category, acc in cloze["by_category"].items():
+            flat[likelihood_key(name, category, CLOZE)] = float(acc)
+        flat[meta_key(name, "cloze_n_correct")] = int(cloze["n_correct"])
     return flat
 
 
-def likelihood_key(benchmark: str, category: str | None) -> str:
-    """ "<benchmark>/lik/overall" (category None) or "<benchmark>/lik/<category>" (key-safe as above)."""
+def likelihood_key(benchmark: str, category: str | None, mode: str = LIKELIHOOD) -> str:
+    """ "<benchmark>/lik/overall" (category None) or "<benchmark>/lik/<category>" (key-safe as above);
+    mode CLOZE gives the same keys under "cloze"."""
     part = "overall" if category is None else category_key(benchmark, category).split("/", 1)[1]
-    return f"{metric_part(benchmark)}/{LIKELIHOOD}/{part}"
+    return f"{metric_part(benchmark)}/{mode}/{part}"
+
+
+def scoring_mode(key: str) -> str | None:
+    """LIKELIHOOD or CLOZE for a key of a second scoring of the same benchmark, None otherwise."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] != META and parts[1] in (LIKELIHOOD, CLOZE) else None
 
 
 def is_likelihood_key(key: str) -> bool:
-    parts = key.split("/")
-    return len(parts) >= 3 and parts[0] != META and parts[1] == LIKELIHOOD
+    """A key of a likelihood-based second scoring (letters or cloze), not a benchmark's own score."""
+    return scoring_mode(key) is not None
 
 
 def meta_key(benchmark: str, what: str) -> str:

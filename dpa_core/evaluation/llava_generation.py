@@ -25,6 +25,9 @@ class GenerationRequest:
     # Decodes the images when the request's batch runs, so a large benchmark never holds all its
     # pixels at once. Used instead of `images` when given.
     load_images: Callable[[], list[Image.Image]] | None = None
+    # The start of the assistant's reply, put after the generation prompt (cloze scoring reads the
+    # log-probability of this text).
+    reply: str = ""
 
     def image_list(self) -> list[Image.Image]:
         return list(self.load_images()) if self.load_images is not None else list(self.images)
@@ -130,6 +133,49 @@ class _ChatAnswerer:
         return [{letter: float(logp[b, self.letter_token_id(letter)]) for letter in row}
                 for b, row in enumerate(letters)]
 
+    @torch.inference_mode()
+    def _reply_batch(self, requests: list[GenerationRequest]) -> list[float]:
+        inputs = self._encode(requests)
+        mask, ids = inputs["attention_mask"], inputs["input_ids"]
+        replies = [self.tokenizer(r.reply, add_special_tokens=False)["input_ids"] for r in requests]
+        last = last_positions(mask)
+        for b, reply in enumerate(replies):
+            end = int(last[b]) + 1
+            if not reply or ids[b, end - len(reply):end].tolist() != reply:
+                raise DPAInputError(f"the reply {requests[b].reply!r} is not tokenised the same after the prompt as "
+                                    "alone, so its log-probability cannot be read off.",
+                                    fix="give cloze answers that start a new word after the generation prompt.")
+        keep = max(len(r) for r in replies) + 1
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(**inputs, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+        logp = logits.float().log_softmax(-1)  # row positions: the last `keep` of the padded width
+        width = ids.shape[1]
+        sums = []
+        for b, reply in enumerate(replies):
+            end = int(last[b]) + 1  # one past the reply's last token, in padded coordinates
+            first = end - len(reply)  # the reply's first token; predicted at first - 1
+            cols = torch.arange(first - 1, end - 1) - (width - keep)
+            if int(cols.min()) < 0:
+                raise ValueError("reply scoring needs left padding (the reply at the end of every row)")
+            sums.append(float(logp[b, cols, torch.tensor(reply)].sum()))
+        return sums
+
+    def reply_logprobs(self, requests: list[GenerationRequest], replies: list[dict[str, str]], batch_size: int = 8,
+                       desc: str = "cloze") -> list[dict[str, float]]:
+        """log p(reply | prompt, generation prompt), summed over the reply's tokens, for each request's
+        candidate replies ({option letter: the answer it makes}): the cloze formulation of multiple
+        choice (lm-eval's loglikelihood of each continuation)."""
+        if len(replies) != len(requests):
+            raise ValueError("one dict of candidate replies per request")
+        flat = [(i, letter, GenerationRequest(r.prompt, r.images, r.load_images, reply=text))
+                for i, (r, cands) in enumerate(zip(requests, replies)) for letter, text in cands.items()]
+        rows = [req for _, _, req in flat]
+        sums = self._batched(rows, batch_size, desc, lambda chunk: self._reply_batch([rows[j] for j in chunk]))
+        out: list[dict[str, float]] = [{} for _ in requests]
+        for (i, letter, _), value in zip(flat, sums, strict=True):
+            out[i][letter] = value
+        return out
+
     def option_logprobs(self, requests: list[GenerationRequest], letters: list[list[str]], batch_size: int = 8,
                         desc: str = "likelihood") -> list[dict[str, float]]:
         """log p(letter | prompt, generation prompt) for each request's option letters: one forward per
@@ -167,7 +213,7 @@ class LlavaGenerator(_ChatAnswerer):
 
     def _encode(self, requests: list[GenerationRequest]):
         per_request = [r.image_list() for r in requests]
-        texts = [self.chat_text(r.prompt, len(imgs)) for r, imgs in zip(requests, per_request)]
+        texts = [self.chat_text(r.prompt, len(imgs)) + r.reply for r, imgs in zip(requests, per_request)]
         images = [img for imgs in per_request for img in imgs]
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
@@ -206,5 +252,5 @@ class TextChatModel(_ChatAnswerer):
     def _encode(self, requests: list[GenerationRequest]):
         if any(r.images or r.load_images is not None for r in requests):
             raise ValueError("TextChatModel answers text-only requests")
-        texts = [self.chat_text(r.prompt) for r in requests]
+        texts = [self.chat_text(r.prompt) + r.reply for r in requests]
         return self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)

@@ -21,6 +21,12 @@ def short_answer_prompt(question: str, hint: str | None = None) -> str:
     return f"{text}\n{SHORT_ANSWER_INSTRUCTION}"
 
 
+def cloze_prompt(item: BenchmarkItem) -> str:
+    """The cloze formulation: the plain question, no options and no instruction; each option is
+    then scored as the answer it would make (BenchmarkItem.cloze)."""
+    return f"{item.hint}\n{item.question}" if item.hint else item.question
+
+
 def item_prompt(item: BenchmarkItem) -> str:
     if item.options:
         return mcq_prompt(item.question, item.options, item.hint)

@@ -1,8 +1,11 @@
 """Score replies against a TSV benchmark: per-item verdicts, per-category and overall accuracy.
 
-Multiple choice is scored two ways when the model's option-letter log-probabilities are given:
-generation (the greedy reply, extracted) and likelihood (the letter with the highest
-log-probability at the answer position, as lm-eval scores multiple choice)."""
+Multiple choice is scored up to three ways: generation (the greedy reply, extracted); likelihood
+(the letter with the highest log-probability at the answer position, as lm-eval scores multiple
+choice), when the model's option-letter log-probabilities are given; and cloze (the option whose
+full answer is most likely after the plain question, no letters: OLMES's cloze formulation, which
+small models can do long before they can map an answer to its letter), when the benchmark has
+cloze answers and their log-probabilities are given."""
 
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ class ScoredItem:
     lik_choice: str | None = None
     lik_correct: bool | None = None
     lik_logprobs: dict[str, float] | None = None
+    # Cloze scoring (multiple choice with cloze answers, when their log-probabilities were computed).
+    cloze_choice: str | None = None
+    cloze_correct: bool | None = None
+    cloze_logprobs: dict[str, float] | None = None
 
     @property
     def unparsed(self) -> bool:
@@ -33,7 +40,7 @@ class ScoredItem:
 
     def to_record(self) -> dict:
         record = asdict(self) | {"unparsed": self.unparsed}
-        return {k: v for k, v in record.items() if not (k.startswith("lik_") and v is None)}
+        return {k: v for k, v in record.items() if not (k.startswith(("lik_", "cloze_")) and v is None)}
 
 
 def likelihood_choice(logprobs: dict[str, float]) -> str:
@@ -41,7 +48,8 @@ def likelihood_choice(logprobs: dict[str, float]) -> str:
     return max(sorted(logprobs), key=lambda letter: logprobs[letter])
 
 
-def score_item(item: BenchmarkItem, prediction: str, logprobs: dict[str, float] | None = None) -> ScoredItem:
+def score_item(item: BenchmarkItem, prediction: str, logprobs: dict[str, float] | None = None,
+               cloze_logprobs: dict[str, float] | None = None) -> ScoredItem:
     if item.options:
         extracted = extract_option(prediction, item.options)
         correct = extracted is not None and extracted == item.answer
@@ -52,18 +60,25 @@ def score_item(item: BenchmarkItem, prediction: str, logprobs: dict[str, float] 
         choice = likelihood_choice(logprobs)
         lik = {"lik_choice": choice, "lik_correct": choice == item.answer,
                "lik_logprobs": {k: round(v, 6) for k, v in logprobs.items()}}
+    if cloze_logprobs is not None and item.options:
+        choice = likelihood_choice(cloze_logprobs)
+        lik |= {"cloze_choice": choice, "cloze_correct": choice == item.answer,
+                "cloze_logprobs": {k: round(v, 6) for k, v in cloze_logprobs.items()}}
     return ScoredItem(item.index, item.category, str(prediction), extracted, item.answer, bool(correct), **lik)
 
 
 def score_benchmark(bench: TsvBenchmark, predictions: dict[str, str],
-                    logprobs: dict[str, dict[str, float]] | None = None) -> list[ScoredItem]:
+                    logprobs: dict[str, dict[str, float]] | None = None,
+                    cloze_logprobs: dict[str, dict[str, float]] | None = None) -> list[ScoredItem]:
     """Score every item; `predictions` maps item index -> reply and must cover every item;
-    `logprobs` (optional) maps item index -> {option letter: log-probability}."""
+    `logprobs` / `cloze_logprobs` (optional) map item index -> {option letter: log-probability}
+    of the letter / of the option's cloze answer."""
     missing = [it.index for it in bench.items if it.index not in predictions]
     if missing:
         raise DPAInputError(f"{len(missing)} item(s) have no prediction (first: {missing[0]!r}).",
                             file=bench.path, fix="generate a reply for every row before scoring.")
-    return [score_item(it, predictions[it.index], (logprobs or {}).get(it.index)) for it in bench.items]
+    return [score_item(it, predictions[it.index], (logprobs or {}).get(it.index), (cloze_logprobs or {}).get(it.index))
+            for it in bench.items]
 
 
 def summarize(name: str, kind: str, scored: list[ScoredItem]) -> dict:
@@ -86,6 +101,12 @@ def summarize(name: str, kind: str, scored: list[ScoredItem]) -> dict:
             raise ValueError(f"likelihood scores for {len(lik)} of {n} items")
         overall, by_category, n_correct = _accuracies(lik)
         summary["likelihood"] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
+    cloze = [(s.category, s.cloze_correct) for s in scored if s.cloze_correct is not None]
+    if cloze:
+        if len(cloze) != n:
+            raise ValueError(f"cloze scores for {len(cloze)} of {n} items")
+        overall, by_category, n_correct = _accuracies(cloze)
+        summary["cloze"] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
     return summary
 
 

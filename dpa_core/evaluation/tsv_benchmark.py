@@ -12,6 +12,9 @@ The format (one row per question, tab-separated, header line):
   category  optional, for per-category accuracy; hint: optional context put before the question
   scene_text  optional (our extension; VLMEvalKit ignores it): what the image shows, as text, for
             the text-oracle ceiling (the LLM alone, told the scene in words)
+  cloze_A, cloze_B, ...  optional (our extension): the full answer each option would make
+            ("the circle is red."), for the cloze formulation: the plain question, each option's
+            answer scored by likelihood, no letters (OLMES's CF; docs/evaluation.md)
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class BenchmarkItem:
     images_b64: tuple[str, ...] = ()
     image_paths: tuple[str, ...] = ()
     scene_text: str | None = None
+    cloze: dict[str, str] = field(default_factory=dict)  # letter -> the answer that option makes; may be empty
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,22 @@ def _options(row: pd.Series) -> dict[str, str]:
     return {letter: text for letter in string.ascii_uppercase if (text := _cell(row, letter)) is not None}
 
 
+CLOZE_PREFIX = "cloze_"
+
+
+def _cloze(row: pd.Series, options: dict[str, str], path: Path, idx: str) -> dict[str, str]:
+    """The row's cloze answers: one per option, or none at all (the benchmark has no cloze columns)."""
+    if not any(str(c).startswith(CLOZE_PREFIX) for c in row.index):
+        return {}
+    cloze = {letter: text for letter in options if (text := _cell(row, CLOZE_PREFIX + letter)) is not None}
+    if set(cloze) != set(options):
+        missing = sorted(set(options) - set(cloze))
+        raise DPAInputError(f"no cloze answer for option(s) {missing}.", file=path, record=idx,
+                            fix=f"fill {', '.join(CLOZE_PREFIX + m for m in missing)} (the answer that option "
+                                "would make), or drop the cloze_* columns to score by letters only.")
+    return cloze
+
+
 def read_tsv_benchmark(path: str | os.PathLike, name: str | None = None, limit: int | None = None) -> TsvBenchmark:
     path = Path(path)
     if not path.is_file():
@@ -149,6 +169,7 @@ def _item(row: pd.Series, kind: str, images: dict[str, list[str]], path: Path) -
         index=idx, question=question, answer=answer.strip() if kind == MCQ else answer,
         category=_cell(row, "category") or DEFAULT_CATEGORY, options=options, hint=_cell(row, "hint"),
         images_b64=tuple(images.get(idx, ())), image_paths=paths, scene_text=_cell(row, "scene_text"),
+        cloze=_cloze(row, options, path, idx) if kind == MCQ else {},
     )
 
 

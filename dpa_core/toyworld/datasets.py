@@ -127,13 +127,16 @@ def benchmark_rows(scenes: list[Scene], rng: random.Random) -> list[dict]:
             row.update({LETTERS[k]: q.options[k] for k in range(4)})
             # scene_text: the scene in the LLM's own words, for the text-oracle ceiling
             row.update({"answer": q.letter, "category": q.category, "scene_text": language.own_style(scene)})
+            # cloze_A..D: each option's own-style answer sentence, for scoring without letters
+            row.update({f"cloze_{LETTERS[k]}": q.option_answers[k] for k in range(4)})
             rows.append(row)
     return rows
 
 
 # ---- writing -------------------------------------------------------------------------------
 
-TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text")
+TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "scene_text",
+               "cloze_A", "cloze_B", "cloze_C", "cloze_D")
 
 
 def _dump_json(path: Path, obj) -> None:

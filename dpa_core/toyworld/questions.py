@@ -22,6 +22,9 @@ class Question:
     answer: str  # open answer, a sentence in the own style
     options: tuple[str, str, str, str]
     correct: int  # index into options
+    # The open answer each option would give, in the same order: the cloze formulation of the
+    # question scores these sentences by likelihood (no letters; docs/evaluation.md).
+    option_answers: tuple[str, str, str, str]
 
     @property
     def letter(self) -> str:
@@ -41,34 +44,42 @@ def _options(rng: random.Random, right: str, pool: tuple[str, ...] | list[str]) 
     return tuple(options), options.index(right)
 
 
+def _question(category: str, question: str, say, opts: tuple[str, ...], k: int) -> Question:
+    """say(option) is the own-style answer sentence that option would make."""
+    answers = tuple(say(o) for o in opts)
+    return Question(category, question, answers[k], opts, k, answers)
+
+
+def _count_answer(word: str) -> str:
+    return "there is one shape." if word == "one" else f"there are {word} shapes."
+
+
 def ask(scene: Scene, category: str, rng: random.Random) -> Question | None:
     """One question of a category about the scene; None when the scene cannot answer it
     (a relation needs two objects in one row or column)."""
     if category == "color":
         o = rng.choice(scene.objects)
         opts, k = _options(rng, o.color, sorted(COLORS))
-        return Question(category, f"what color is the {o.shape}?", f"the {o.shape} is {o.color}.", opts, k)
+        return _question(category, f"what color is the {o.shape}?", lambda c: f"the {o.shape} is {c}.", opts, k)
     if category == "shape":
         o = rng.choice(scene.objects)
         opts, k = _options(rng, o.shape, SHAPES)
-        return Question(category, f"what shape is the {o.color} object?", f"the {o.color} object is a {o.shape}.", opts, k)
+        return _question(category, f"what shape is the {o.color} object?", lambda s: f"the {o.color} object is a {s}.", opts, k)
     if category == "position":
         o = rng.choice(scene.objects)
         opts, k = _options(rng, o.position, ALL_POSITIONS)
-        return Question(category, f"where is the {o.name}?", f"the {o.name} is at the {o.position}.", opts, k)
+        return _question(category, f"where is the {o.name}?", lambda p: f"the {o.name} is at the {p}.", opts, k)
     if category == "count":
-        n = scene.count
-        opts, k = _options(rng, NUMBER_WORDS[n - 1], NUMBER_WORDS)
-        answer = "there is one shape." if n == 1 else f"there are {NUMBER_WORDS[n - 1]} shapes."
-        return Question(category, "how many shapes are there?", answer, opts, k)
+        opts, k = _options(rng, NUMBER_WORDS[scene.count - 1], NUMBER_WORDS)
+        return _question(category, "how many shapes are there?", _count_answer, opts, k)
     if category == "relation":
         pairs = aligned_pairs(scene)
         if not pairs:
             return None
         a, b = rng.choice(pairs)
-        rel = relation(a, b)
-        opts, k = _options(rng, rel, RELATIONS)
-        return Question(category, f"where is the {a.name} relative to the {b.name}?", f"the {a.name} is {rel} the {b.name}.", opts, k)
+        opts, k = _options(rng, relation(a, b), RELATIONS)
+        return _question(category, f"where is the {a.name} relative to the {b.name}?",
+                         lambda r: f"the {a.name} is {r} the {b.name}.", opts, k)
     raise ValueError(f"unknown category {category!r}")
 
 
