@@ -186,3 +186,28 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     assert dpa0["compare/minus_vanilla/toy_mcq/color/ci_low"] > 0
     assert dpa0["compare/toy_mcq/overall/mean"] == pytest.approx(m["dpa/toy_mcq/overall"])
     assert (lay.compare() / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cloze_is_its_own_table_with_paired_cis_and_stays_out_of_the_average(tmp_path):
+    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": False})
+    lay = Layout(tmp_path / "outputs")
+    n = 200
+    for arm, cloze_right in (("vanilla", lambda i: i % 2 == 0), ("dpa", lambda i: True)):
+        d = lay.eval(arm, 0) / "toy_mcq"
+        d.mkdir(parents=True)
+        with open(d / "predictions.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"index": str(i), "category": "color", "prediction": "A", "extracted": "A",
+                                    "answer": "A", "correct": i % 2 == 0, "unparsed": False,
+                                    "cloze_choice": "A", "cloze_correct": cloze_right(i)}) + "\n")
+        cloze = sum(cloze_right(i) for i in range(n)) / n
+        write_scores(lay, arm, 0, {"toy_mcq/overall": 0.5, "toy_mcq/color": 0.5,
+                                   "toy_mcq/cloze/overall": cloze, "toy_mcq/cloze/color": cloze})
+    assert headline_keys(["toy_mcq/overall", "toy_mcq/cloze/overall"]) == ["toy_mcq/overall"]
+    res = build_comparison(p, lay, lay.compare())
+    m, md = res["metrics"], res["markdown"]
+    assert "## Cloze" in md and "| dpa − vanilla | toy_mcq/cloze/overall | +50.0 |" in md
+    assert m["dpa_minus_vanilla/toy_mcq/cloze/overall/inconclusive"] == 0 and m["dpa_minus_vanilla/toy_mcq/cloze/overall/ci_low"] > 0.4
+    assert m["dpa_minus_vanilla/toy_mcq/overall/inconclusive"] == 1  # same generation verdicts
+    assert m["dpa/average"] == pytest.approx(0.5)  # generation headline only
+    assert "dpa − vanilla on toy_mcq/cloze/overall: dpa better" in md
