@@ -44,19 +44,37 @@ def test_diagnostics_are_present(world):
     assert json.loads((out / "metrics/prior_gap.json").read_text())["ppl"] == gap
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11 is open: the shipped base LLM copies counts and positions out of a "
-                   "scene described in text but does not bind a colour to a shape, and answers every letter "
-                   "question with one letter, so the ceiling is near chance (docs/toyworld.md)")
-def test_ceiling_far_above_chance_and_reference_near_it(world, tmp_path):
-    out, manifest = world
+@pytest.fixture(scope="module")
+def scored(world, tmp_path_factory):
+    """The ceiling (base LLM, scene as text) and the reference (untrained connector) on a slice."""
+    out, _ = world
+    tmp = tmp_path_factory.mktemp("instrument-scores")
     tsv = out / "bench" / "toy_mcq.tsv"
-    ceiling = evaluate_text_oracle(out / "models" / "llm", tsv, tmp_path / "ceiling", limit=QUESTIONS,
+    ceiling = evaluate_text_oracle(out / "models" / "llm", tsv, tmp / "ceiling", limit=QUESTIONS,
                                    batch_size=32, max_new_tokens=4, device="cpu")
     torch.manual_seed(0)
     model, processor = build_llava(out / "models" / "clip", out / "models" / "llm")
-    save_llava(model, processor, tmp_path / "reference-model")
-    reference = evaluate_tsv(tmp_path / "reference-model", tsv, tmp_path / "reference", limit=QUESTIONS,
+    save_llava(model, processor, tmp / "reference-model")
+    reference = evaluate_tsv(tmp / "reference-model", tsv, tmp / "reference", limit=QUESTIONS,
                              batch_size=32, max_new_tokens=4, device="cpu")
+    return ceiling, reference
+
+
+def test_cloze_ceiling_far_above_the_reference(scored):
+    """Scored without letters, the instrument has a window: measured on the shipped models (400
+    questions) ceiling 0.48 (counts 1.0, positions 0.5), reference 0.24."""
+    ceiling, reference = scored
+    assert ceiling["toy_mcq/cloze/overall"] >= 0.40, ceiling
+    assert ceiling["toy_mcq/cloze/count"] >= 0.9, ceiling
+    assert reference["toy_mcq/cloze/overall"] <= CHANCE + 0.07, reference
+    assert ceiling["toy_mcq/cloze/overall"] - reference["toy_mcq/cloze/overall"] >= 0.15
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11 is open: the shipped base LLM copies counts and positions out of a "
+                   "scene described in text but does not bind a colour to a shape, and answers every letter "
+                   "question with one letter, so the letter-scored ceiling is near chance (docs/toyworld.md)")
+def test_letter_ceiling_far_above_chance_and_reference_near_it(scored):
+    ceiling, reference = scored
     assert ceiling["toy_mcq/lik/overall"] >= 0.6, ceiling
     assert reference["toy_mcq/lik/overall"] <= CHANCE + 0.1, reference
     assert ceiling["toy_mcq/lik/overall"] - reference["toy_mcq/lik/overall"] >= 0.3
