@@ -299,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             p = load_params(args.params)
             from .stages import layout
 
-            print((layout(p).compare() / "comparison.md").read_text())
+            table = layout(p).compare() / "comparison.md"
+            if not table.is_file():
+                raise DPAInputError("no comparison yet: the pipeline has not run (or not to its end) here.",
+                                    file=table, fix="run the study first: `bash scripts/demo.sh` or `dvc repro` "
+                                    "(then `dpa show` prints its table).")
+            print(table.read_text())
             from .tracking import existing_runs_view_url, tracking_uri
 
             uri = tracking_uri(p.tracking.uri)
