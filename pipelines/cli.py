@@ -1,7 +1,8 @@
 """The `dpa` command: DVC stage entry points and helpers.
 
     dpa stage NAME [--arm ARM] [--seed N] [-S key=value ...]   run one stage (what dvc.yaml calls)
-    dpa validate [-S key=value ...]                             check params.yaml (+ profile) and exit
+    dpa validate [-S key=value ...]                             check params.yaml (or conf/ + overrides) and exit
+    dpa compose [-S key=value ...]                              write params.yaml from conf/ (as dvc exp run -S)
     dpa show                                                    print the compare table of the last run
     dpa sweep conflict --values 0,0.5,1 [-S key=value ...]      the conflict dial (DPA − Vanilla vs prior gap)
     dpa chat MODEL_DIR --image PATH [--prompt TEXT]             talk to a Llava checkpoint (streamed reply)
@@ -249,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--seed", type=int)
     st.add_argument("--params", default="params.yaml")
     st.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override a setting")
-    va = sub.add_parser("validate", help="validate params.yaml and the selected profile")
+    co = sub.add_parser("compose", help="write params.yaml from conf/ + profile + overrides, as `dvc exp run -S` does")
+    co.add_argument("--params", default="params.yaml")
+    co.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="e.g. profile=smoke, proxy.lora.r=64")
+    va = sub.add_parser("validate", help="validate params.yaml (or conf/ composed with -S overrides)")
     va.add_argument("--params", default="params.yaml")
     va.add_argument("-S", "--set", action="append", metavar="KEY=VALUE")
     sh = sub.add_parser("show", help="print the comparison table")
@@ -284,9 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "stage":
             return run_stage(args)
+        if args.cmd == "compose":
+            from .params import CONF_DIR, build, compose, write_params, Params
+
+            data = compose(Path(args.params).parent / CONF_DIR, _overrides(args.set))
+            p = build(Params, data)  # validate before writing
+            write_params(args.params, data)
+            print(f"{args.params} written from {Path(args.params).parent / CONF_DIR} (profile {p.profile})")
+            return 0
         if args.cmd == "validate":
             p = load_params(args.params, _overrides(args.set))
             print(f"params OK (profile {p.profile}; arms {p.study.arms}; seeds {p.study.seeds})")
+            if not args.set:
+                from .params import drift_from_conf
+
+                if drift := drift_from_conf(args.params, p.profile):
+                    print(f"note: {args.params} differs from conf/ composed with profile {p.profile} in "
+                          f"{', '.join(drift)} (set by `dvc exp run -S`, or conf/ edited since); "
+                          f"`dpa compose -S profile={p.profile}` rewrites it from conf/.")
             if all((Path(m) / "config.json").is_file() for m in (p.model.vision, p.model.llm)):
                 from .stages import preflight
 
@@ -318,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import parse_values, run_conflict_sweep
 
             values = parse_values(args.values)
-            load_params("params.yaml", _overrides(args.set))  # fail before the first run
-            run_conflict_sweep(values, args.set or [])
+            sets = list(args.set or [])
+            if "profile" not in _overrides(sets):  # `dvc exp run` composes conf/: keep the workspace's profile
+                sets.insert(0, f"profile={load_params('params.yaml').profile}")
+            load_params("params.yaml", _overrides(sets))  # fail before the first run
+            run_conflict_sweep(values, sets)
             return 0
         if args.cmd == "chat":
             return run_chat(args)

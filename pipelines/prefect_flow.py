@@ -4,8 +4,8 @@ Prefect orchestrates, DVC computes and caches. The flow
 
 1. validates its parameters with the rules of params.yaml (`pipelines.params.load_params`); a bad
    value fails the flow run before any stage runs, with the message (nearest valid key, fix) shown;
-2. writes them into params.yaml the way `dvc exp run -S key=value` does (round-trip YAML, comments
-   kept, atomic replace), so DVC decides what is stale exactly as for `dvc repro`;
+2. writes params.yaml the way `dvc exp run -S key=value` does (Hydra: conf/ composed with the
+   profile and the overrides, atomic replace), so DVC decides what is stale exactly as for `dvc repro`;
 3. reads the stage graph from DVC itself (`dvc dag --dot`: the stage names of `dvc stage list` and
    their dependencies), so it never drifts from dvc.yaml;
 4. submits one task per DVC stage (`world`, `mix`, `proxy@0`, `align_proxy@dpa-0`, ...) in
@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.params import Params, ParamsError, load_params, parse_override
+from pipelines.params import CONF_DIR, Params, ParamsError, build, compose, load_params, parse_override, write_params
 
 FLOW_NAME = "dpa-study"
 DEPLOYMENT_NAME = "local"
@@ -125,102 +123,18 @@ def validate(project_dir: str | Path, overrides: dict[str, Any]) -> Params:
     return load_params(Path(project_dir) / PARAMS_FILE, overrides)
 
 
-def _rt_value(value: Any, like: Any = None) -> Any:
-    """A ruamel round-trip node for `value`, in flow style where `like` was (or for short lists)."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
-
-    def flow_style(node) -> bool:
-        fa = getattr(node, "fa", None)
-        return bool(fa is not None and fa.flow_style())
-
-    if isinstance(value, list):
-        seq = CommentedSeq([_rt_value(v) for v in value])
-        if flow_style(like) or (like is None and all(not isinstance(v, (dict, list)) for v in value)):
-            seq.fa.set_flow_style()
-        return seq
-    if isinstance(value, dict):
-        m = CommentedMap((k, _rt_value(v)) for k, v in value.items())
-        if flow_style(like) or (like is None and all(not isinstance(v, (dict, list)) for v in value.values())):
-            m.fa.set_flow_style()
-        return m
-    return value
-
-
-def _null_representer():
-    from ruamel.yaml.representer import RoundTripRepresenter
-
-    class NullRepresenter(RoundTripRepresenter):
-        """Writes None as `null` (ruamel's round-trip default leaves the value empty)."""
-
-    NullRepresenter.add_representer(
-        type(None), lambda r, d: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return NullRepresenter
-
-
-def render_params(text: str, overrides: dict[str, Any]) -> str:
-    """params.yaml text with the overrides set, comments and layout kept (ruamel round-trip, as DVC)."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
-
-    yaml = YAML()  # round-trip
-    yaml.Representer = _null_representer()
-    yaml.preserve_quotes = True
-    yaml.width = 4096
-    yaml.indent(mapping=2, sequence=4, offset=2)  # params.yaml's layout
-    data = yaml.load(text) or CommentedMap()
-    for dotted, value in overrides.items():
-        keys = dotted.split(".")
-        node = data
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = CommentedMap()
-            node = node[k]
-        node[keys[-1]] = _rt_value(value, node.get(keys[-1]))
-    buf = io.StringIO()
-    yaml.dump(data, buf)
-    return buf.getvalue()
-
-
 def apply_params(project_dir: str | Path, overrides: dict[str, Any]) -> Params:
-    """Validate the overrides, then write them into params.yaml atomically (as `dvc exp run -S`).
-
-    Raises ParamsError, and leaves params.yaml untouched, when the overrides are invalid or when the
-    selected profile would override one of them: the stages read params.yaml + profile, so such a
-    value would be validated here but never used.
-    """
+    """Validate the overrides, then write params.yaml as `dvc exp run -S` does with Hydra: conf/
+    composed with the profile and the overrides (overrides win over the profile), replaced atomically.
+    No overrides: params.yaml as it is (as `dvc repro`). Raises ParamsError, and leaves params.yaml
+    untouched, when the overrides are invalid."""
     root = Path(project_dir)
-    path = root / PARAMS_FILE
-    want = validate(root, overrides)
     if not overrides:
-        return want
-    text = path.read_text()
-    new_text = render_params(text, overrides)
-    fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml.tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(new_text)
-        got = load_params(tmp)  # what `dpa stage` will see: params.yaml + profile, no overrides
-        shadowed = [k for k in overrides if _get(got.to_dict(), k) != _get(want.to_dict(), k)]
-        if shadowed:
-            raise ParamsError(
-                f"profile {want.profile!r} sets {', '.join(shadowed)}, so the stages would not use the value given "
-                "here.", file=f"configs/profiles/{want.profile}.yaml",
-                fix="change it in the profile file, or choose another profile.")
-        if new_text != text:
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return validate(root, {})
+    data = compose(root / CONF_DIR, overrides)
+    want = build(Params, data)
+    write_params(root / PARAMS_FILE, data)
     return want
-
-
-def _get(d: Any, dotted: str) -> Any:
-    for k in dotted.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 # ---- the stage graph, from DVC ------------------------------------------------------------------
@@ -487,7 +401,7 @@ def dpa_study(profile: str = "toy", proxy_arms: list[str] | None = None, plain_a
     """Run the DPA study: validate the settings, write them into params.yaml, run each DVC stage.
 
     Args:
-        profile: configs/profiles/<profile>.yaml over params.yaml: toy (default), smoke (CI size),
+        profile: conf/profile/<profile>.yaml over conf/config.yaml: toy (default), smoke (CI size),
             qwen2.5-7b, llama3.1-8b, gemma2-9b.
         proxy_arms: arms with proxy: true to run, e.g. ["dpa"] (unset: keep params.yaml's).
         plain_arms: arms with proxy: false to run, e.g. ["vanilla", "cal"] (unset: keep params.yaml's).
@@ -558,7 +472,7 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", nargs="?", choices=["run", "serve"], default="run",
                     help="run: the flow once, in this process (default); serve: the deployment for the UI")
-    ap.add_argument("--profile", help="configs/profiles/<name>.yaml (default: params.yaml's)")
+    ap.add_argument("--profile", help="conf/profile/<name>.yaml (default: conf/config.yaml's)")
     ap.add_argument("--proxy-arms", type=_csv, help="comma-separated, e.g. dpa,pmo_only")
     ap.add_argument("--plain-arms", type=_csv, help="comma-separated, e.g. vanilla,cal")
     ap.add_argument("--seeds", type=lambda s: _csv(s, int), help="comma-separated, e.g. 0,1,2")

@@ -11,15 +11,17 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from dpa_core.errors import DPAInputError
 from dpa_core.io import read_json, write_json_atomic
-from dpa_core.losses import LossConfig
-from dpa_core.trainer import TrainSettings
 
 from .params import Params
 from .tracking import MlflowStepLogger, StageRun, Tracker, tracking_uri
+
+if TYPE_CHECKING:  # imported where used: a stage depends (in dvc.yaml) only on the code it runs
+    from dpa_core.losses import LossConfig
+    from dpa_core.trainer import TrainSettings
 
 TRAINING_STAGES = ("proxy", "align", "finetune")
 
@@ -127,10 +129,14 @@ def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: di
 # ---- conversions params -> dpa_core -------------------------------------------------------------
 
 def train_settings(section, seed: int) -> TrainSettings:
+    from dpa_core.trainer import TrainSettings
+
     return TrainSettings(**asdict(section.train), seed=seed)
 
 
 def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
+    from dpa_core.losses import LossConfig
+
     kind = p.arm(arm).loss
     if kind != "vanilla" and not (p.loss.cmo_in_align if stage == "align" else p.loss.cmo_in_finetune):
         kind = "vanilla"

@@ -48,18 +48,24 @@ def test_stage_graph_matches_dvc_stage_list(repo, proxy_arms, plain_arms, seeds)
 
 
 def test_overrides_are_written_like_dvc_exp_run_set(tmp_path):
+    """params.yaml after the flow's overrides is byte for byte what `dvc exp run -S` writes (DVC's
+    own Hydra composition of conf/), and the overrides win over the profile."""
+    from dvc.utils.hydra import compose_and_dump
+
     repo = make_repo_copy(tmp_path)  # params.yaml as committed: profile toy, vanilla, seed 0
-    text = (repo / "params.yaml").read_text()
+    committed = (repo / "params.yaml").read_text()
     pf.apply_params(repo, pf.build_overrides("smoke", None, ["vanilla", "cal"], [0, 1],
-                                             {"proxy.lora.r": 64, "evaluate": {"max_new_tokens": "12"}}))
-    new = (repo / "params.yaml").read_text()
-    assert "profile: smoke" in new and "plain_arms: [vanilla, cal]" in new and "seeds: [0, 1]" in new
-    assert "lora: {r: 64, alpha: 32, dropout: 0.0}" in new and "max_new_tokens: 12\n" in new  # YAML-typed, flow style kept
-    comments = [l.split("#", 1)[1] for l in text.splitlines() if "#" in l]
-    assert all(c in new for c in comments)  # every comment kept
-    assert len(new.splitlines()) == len(text.splitlines())
-    pf.apply_params(repo, pf.build_overrides("toy", None, ["vanilla"], [0], {"proxy.lora.r": 16, "evaluate.max_new_tokens": 8}))
-    assert (repo / "params.yaml").read_text() == text  # and back, byte for byte
+                                             {"proxy.lora.r": 64, "evaluate": {"max_new_tokens": "12"},
+                                              "world.size": "default"}))
+    compose_and_dump(tmp_path / "dvc.yaml", str(repo / "conf"), None, "config", "",
+                     ["profile=smoke", "study.plain_arms=[vanilla,cal]", "study.seeds=[0,1]", "proxy.lora.r=64",
+                      "evaluate.max_new_tokens=12", "world.size=default"])
+    assert (repo / "params.yaml").read_text() == (tmp_path / "dvc.yaml").read_text()
+    p = pf.validate(repo, {})  # what `dpa stage` reads
+    assert (p.profile, p.proxy.lora.r, p.evaluate.max_new_tokens, p.world.size) == ("smoke", 64, 12, "default")
+    assert p.align.train.max_steps == 4  # the rest of the profile
+    pf.apply_params(repo, pf.build_overrides("toy"))
+    assert (repo / "params.yaml").read_text() == committed  # and back, byte for byte
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -77,11 +83,6 @@ def test_invalid_settings_fail_before_anything_is_written(repo, kwargs, message)
     assert message in str(e.value)
     assert (repo / "params.yaml").read_text() == before
     assert not list(repo.glob(".params.*"))  # no temporary file left behind
-
-
-def test_a_value_the_profile_overrides_is_refused(repo):
-    with pytest.raises(ParamsError, match="profile 'smoke' sets world.size"):
-        pf.apply_params(repo, {"profile": "smoke", "world.size": "default"})
 
 
 def test_retries_for_training_and_evaluation_only():
