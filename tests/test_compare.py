@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.compare import build_comparison
 from pipelines.params import load_params
-from pipelines.stages import Layout
+from pipelines.entrypoints import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 

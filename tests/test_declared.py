@@ -106,10 +106,10 @@ def _function_imports(f: Path, entry: str) -> set[str]:
 def stage_code(stage: str) -> set[Path]:
     """Every in-repo file that `dpa stage STAGE` may import: pipelines/cli.py's run_stage, the stage
     function of the stage registry and what they import, transitively."""
-    from pipelines.stages import STAGES
+    from pipelines.entrypoints import STAGES
 
-    cli, registry = ROOT / "pipelines/cli.py", ROOT / "pipelines/stages.py"
-    fn = STAGES[stage].__name__
+    cli, registry = ROOT / "pipelines/cli.py", ROOT / "pipelines/entrypoints.py"
+    fn = STAGES[stage].fn.__name__
     mods = _function_imports(cli, "run_stage") | _function_imports(registry, fn) | {"pipelines"}
     return _closure(mods, known={cli, registry})
 

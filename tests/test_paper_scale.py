@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipelines.params import load_params
-from pipelines.stages import STAGES
+from pipelines.entrypoints import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "conf/profile").glob("*.yaml"))

@@ -86,7 +86,7 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
     repo, _ = study
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stages import headline_scores
+    from pipelines.entrypoints import headline_scores
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dpa-study")

@@ -39,7 +39,10 @@ def test_stage_graph_matches_dvc_stage_list(repo, proxy_arms, plain_arms, seeds)
     for stage, deps in graph.items():  # topological: every dependency comes first
         assert set(deps) <= done, (stage, deps)
         done.add(stage)
-    assert set(graph["compare"]) >= {s for s in graph if pf.stage_family(s) == "evaluate"}
+    entries = pf.stage_entries(repo)  # the registry stage each DVC stage runs (`dpa stage NAME`)
+    assert set(entries) == set(graph) and set(entries.values()) == set(pf.STAGES)
+    assert all(entries[s] == s.split("@")[0].removesuffix("_proxy") for s in entries)  # dvc.yaml's naming
+    assert set(graph["compare"]) >= {s for s in graph if entries[s] == "evaluate"}
     for seed in p.study.seeds:
         for arm in p.study.plain_arms:  # arms without a proxy never wait for the proxy stage
             assert f"proxy@{seed}" not in graph[f"align@{arm}-{seed}"]
@@ -86,12 +89,13 @@ def test_invalid_settings_fail_before_anything_is_written(repo, kwargs, message)
 
 
 def test_retries_for_training_and_evaluation_only():
-    assert pf.stage_family("align_proxy@dpa-0") == "align" and pf.stage_family("evaluate@vanilla-1") == "evaluate"
-    for stage in ("proxy@0", "align_proxy@dpa-0", "finetune@vanilla-0", "evaluate_proxy@dpa-0", "evaluate_reference"):
-        t = pf.stage_task(stage)
-        assert t.retries == pf.RETRIES > 0 and t.task_run_name == stage
-    for stage in ("world", "mix", "diagnose@0", "merge@vanilla-0", "compare"):
-        assert pf.stage_task(stage).retries == 0
+    for stage, entry in (("proxy@0", "proxy"), ("align_proxy@dpa-0", "align"), ("finetune@vanilla-0", "finetune"),
+                         ("evaluate_proxy@dpa-0", "evaluate"), ("evaluate_reference", "evaluate_reference")):
+        t = pf.stage_task(stage, entry)
+        assert t.retries == pf.RETRIES > 0 and t.task_run_name == stage and t.name == entry
+    for stage, entry in (("world", "world"), ("mix", "mix"), ("diagnose@0", "diagnose"), ("merge@vanilla-0", "merge"),
+                         ("compare", "compare")):
+        assert pf.stage_task(stage, entry).retries == 0
     assert pf.validate_params.retries == 0
     bad_input = pf.StageFailed("align@cal-0", 255, "[dpa] error: x", input_error=True)
 
@@ -158,11 +162,13 @@ def test_stage_env_puts_this_python_first_and_tags_the_flow_run():
 
 
 def test_cli_parses_like_dpa_flow():
-    a = pf._parser().parse_args(["--profile", "smoke", "--plain-arms", "vanilla, cal", "--seeds", "0,1", "-S",
+    from pipelines.cli import flow_parser
+
+    a = flow_parser().parse_args(["--profile", "smoke", "--plain-arms", "vanilla, cal", "--seeds", "0,1", "-S",
                                  "proxy.lora.r=64"])
     assert (a.action, a.profile, a.plain_arms, a.seeds, a.set) == ("run", "smoke", ["vanilla", "cal"], [0, 1],
                                                                    ["proxy.lora.r=64"])
-    assert pf._parser().parse_args(["serve"]).action == "serve"
+    assert flow_parser().parse_args(["serve"]).action == "serve"
 
 
 @pytest.fixture()
