@@ -207,6 +207,11 @@ def world(p: Params) -> StageOutput:
 def mix(p: Params) -> StageOutput:
     from dpa_core.mixing import MixSource, check_sources, mix_captions
 
+    if not Path(p.data.root).is_dir():
+        toy = Path(p.world.out).resolve().is_relative_to(Path(p.data.root).resolve())
+        raise DPAInputError(f"data.root ({p.data.root}) does not exist yet.", file=p.data.root,
+                            fix="run the world stage first (`dvc repro world`; it builds the toy data there)" if toy
+                            else "download the profile's data there first (see its header in conf/profile/).")
     sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
     # Every data source of the study, instructions too: a bad instruction record stops the study
     # here, not at finetune after the proxy and both alignments ran.

@@ -21,3 +21,11 @@ def test_stage_before_its_inputs_says_what_to_run(tmp_path, monkeypatch, capsys)
     assert dpa_main(["stage", "proxy", "--seed", "0", "--params", str(ROOT / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "world" in err and "Traceback" not in err
+
+
+def test_mix_before_the_world_says_to_run_the_world_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert dpa_main(["stage", "mix", "--params", str(ROOT / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "data.root (data/toyworld) does not exist yet" in err and "dvc repro world" in err
+    assert "Traceback" not in err
