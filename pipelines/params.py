@@ -536,8 +536,11 @@ def write_params(path: str | Path, data: dict) -> None:
     from omegaconf import OmegaConf
 
     path = Path(path)
+    text = OmegaConf.to_yaml(OmegaConf.create(data))
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return  # unchanged: leave the file (and its mtime) alone
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(data)), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
