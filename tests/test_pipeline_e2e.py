@@ -324,7 +324,9 @@ def test_exp_run_set_wins_over_the_profile(study):
     reads only params.yaml."""
     repo, _ = study
     smoke = (repo / "conf/profile/smoke.yaml").read_text().replace("profile: smoke", "profile: smoke_r4")
-    (repo / "conf/profile/smoke_r4.yaml").write_text(smoke + "proxy:\n  lora: {r: 4, alpha: 8}\n")
+    assert smoke.count("\nproxy:\n") == 1
+    smoke = smoke.replace("\nproxy:\n", "\nproxy:\n  lora: {r: 4, alpha: 8, dropout: 0.0}\n")
+    (repo / "conf/profile/smoke_r4.yaml").write_text(smoke)
     res = run(["dvc", "exp", "run", "-S", "profile=smoke_r4", "-S", "proxy.lora.r=2", "proxy@0"], repo)
     ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
     assert ran == {"proxy@0"}, ran  # world and mix: same settings as under smoke, cached
