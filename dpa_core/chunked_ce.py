@@ -27,15 +27,24 @@ def chunk_rows(chunk_tokens: int, vocab: int) -> int:
     return max(1, min(chunk_tokens, CHUNK_ELEMENTS // max(vocab, 1)))
 
 
+def scan_label_scores(n: int, chunk: int, rows_logits, rows_labels, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label's raw logit and the row's log-sum-exp (float32) for `n` rows, `chunk` rows at a time:
+    `rows_logits(slice) -> [rows, V]` and `rows_labels(slice) -> [rows]` give one chunk's logits and
+    labels, so at most `chunk` x V float32 scores exist at once. log p(label) = picked - lse."""
+    picked = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty_like(picked)
+    for s in range(0, n, chunk):
+        rows = slice(s, s + chunk)
+        x = rows_logits(rows).float()  # a view for float32 logits
+        picked[rows] = x.gather(1, rows_labels(rows)[:, None]).squeeze(1)
+        lse[rows] = torch.logsumexp(x, dim=-1)
+    return picked, lse
+
+
 class _LabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, chunk):
-        lse = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-        picked = torch.empty_like(lse)
-        for s in range(0, logits.shape[0], chunk):
-            x = logits[s : s + chunk].float()  # a view for float32 logits
-            picked[s : s + chunk] = x.gather(1, labels[s : s + chunk, None]).squeeze(1)
-            lse[s : s + chunk] = torch.logsumexp(x, dim=-1)
+        picked, lse = scan_label_scores(labels.shape[0], chunk, lambda r: logits[r], lambda r: labels[r], logits.device)
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(picked)

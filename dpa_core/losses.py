@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .chunked_ce import scan_label_scores
+
 IGNORE_INDEX = -100
 STAND_IN_LABEL = 0
 EPS = 1e-6
@@ -75,14 +77,8 @@ def label_logit_and_logprob(logits: torch.Tensor, labels: torch.Tensor, chunk_to
     `logits` [..., V], `labels` [...] (no ignore ids; use `stand_in` first).
     """
     flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    out_logit = torch.empty(lab.shape, dtype=torch.float32, device=logits.device)
-    out_logp = torch.empty_like(out_logit)
-    for s in range(0, flat.shape[0], chunk_tokens):
-        chunk = flat[s : s + chunk_tokens].float()
-        picked = chunk.gather(1, lab[s : s + chunk_tokens, None]).squeeze(1)
-        out_logit[s : s + chunk_tokens] = picked
-        out_logp[s : s + chunk_tokens] = picked - torch.logsumexp(chunk, dim=-1)
-    return out_logit.view(labels.shape), out_logp.view(labels.shape)
+    picked, lse = scan_label_scores(lab.shape[0], chunk_tokens, lambda r: flat[r], lambda r: lab[r], logits.device)
+    return picked.view(labels.shape), (picked - lse).view(labels.shape)
 
 
 def raw_token_scores(kind: str, logit: torch.Tensor, logprob: torch.Tensor, logit_ni: torch.Tensor, logprob_ni: torch.Tensor):
@@ -214,15 +210,9 @@ def cal_loss(logits, logits_no_image, labels, clamp_min: float = 1.0, clamp_max:
 def label_scores_at(rows: torch.Tensor, labels: torch.Tensor, logits_of, chunk_tokens: int = 1024):
     """Label logit and log-probability at flat token indices `rows`, `logits_of(idx) -> [n, V]` called
     chunk by chunk so that at most `chunk_tokens` x V logits exist at once."""
-    out_logit = torch.empty(rows.shape, dtype=torch.float32, device=labels.device)
-    out_logp = torch.empty_like(out_logit)
-    for s in range(0, rows.numel(), chunk_tokens):
-        idx = rows[s : s + chunk_tokens]
-        chunk = logits_of(idx).float()
-        picked = chunk.gather(1, labels[idx, None]).squeeze(1)
-        out_logit[s : s + chunk_tokens] = picked
-        out_logp[s : s + chunk_tokens] = picked - torch.logsumexp(chunk, dim=-1)
-    return out_logit, out_logp
+    picked, lse = scan_label_scores(rows.numel(), chunk_tokens, lambda r: logits_of(rows[r]),
+                                    lambda r: labels[rows[r]], labels.device)
+    return picked, picked - lse
 
 
 def rows_that_matter(target: torch.Tensor, cfg: LossConfig, keep: torch.Tensor | None = None) -> torch.Tensor:

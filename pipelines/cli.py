@@ -1,7 +1,8 @@
 """The `dpa` command: DVC stage entry points and helpers.
 
     dpa stage NAME [--arm ARM] [--seed N] [-S key=value ...]   run one stage (what dvc.yaml calls)
-    dpa validate [-S key=value ...]                             check params.yaml (+ profile) and exit
+    dpa validate [-S key=value ...]                             check params.yaml (or conf/ + overrides) and exit
+    dpa compose [-S key=value ...]                              write params.yaml from conf/ (as dvc exp run -S)
     dpa show                                                    print the compare table of the last run
     dpa sweep conflict --values 0,0.5,1 [-S key=value ...]      the conflict dial (DPA − Vanilla vs prior gap)
     dpa chat MODEL_DIR --image PATH [--prompt TEXT]             talk to a Llava checkpoint (streamed reply)
@@ -28,10 +29,6 @@ from dpa_core.errors import DPAInputError
 
 from .params import load_params, parse_override
 
-NEEDS_ARM = ("align", "reliance", "finetune", "merge", "evaluate")
-NEEDS_SEED = ("proxy", "diagnose", *NEEDS_ARM)
-
-
 def _overrides(pairs) -> dict:
     return dict(parse_override(s) for s in pairs or [])
 
@@ -48,13 +45,14 @@ def _stage_argv(args) -> list[str]:
 
 
 def run_stage(args) -> int:
-    from .stages import STAGES, TRAINING_STAGES
+    from .entrypoints import STAGES
 
     if args.name not in STAGES:
         raise DPAInputError(f"unknown stage {args.name!r}.", fix=f"use one of {', '.join(STAGES)}.")
-    if args.name in NEEDS_ARM and not args.arm:
+    stage = STAGES[args.name]
+    if stage.arm and not args.arm:
         raise DPAInputError(f"stage {args.name} needs --arm.", fix="pass --arm NAME (an arm from params.yaml).")
-    if args.name in NEEDS_SEED and args.seed is None:
+    if stage.seed and args.seed is None:
         raise DPAInputError(f"stage {args.name} needs --seed.", fix="pass --seed N.")
     p = load_params(args.params, _overrides(args.set))
 
@@ -70,7 +68,7 @@ def run_stage(args) -> int:
         print("[dpa] in container:", " ".join(cmd), flush=True)
         return subprocess.call(cmd)
 
-    if args.name in TRAINING_STAGES and p.runtime.launcher == "accelerate" and "LOCAL_RANK" not in os.environ:
+    if stage.training and p.runtime.launcher == "accelerate" and "LOCAL_RANK" not in os.environ:
         from .container import accelerate_command
 
         cmd = accelerate_command(["-m", "pipelines.cli", *_stage_argv(args)], config_file=p.runtime.accelerate_config,
@@ -78,19 +76,18 @@ def run_stage(args) -> int:
         print("[dpa] launching:", " ".join(cmd), flush=True)
         return subprocess.call(cmd)
 
-    fn = STAGES[args.name]
     kwargs = {}
-    if args.name in NEEDS_ARM:
+    if stage.arm:
         p.arm(args.arm)  # validates the name
         kwargs["arm"] = args.arm
-    if args.name in NEEDS_SEED:
+    if stage.seed:
         kwargs["seed"] = args.seed
     label = " ".join([args.name, *([args.arm] if args.arm else []), *([f"seed {args.seed}"] if args.seed is not None else [])])
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         print(f"[dpa] ── {label} ──", flush=True)
     start = time.monotonic()
-    out = fn(p, **kwargs)
+    out = stage.fn(p, **kwargs)
     if main_process:
         print(f"[dpa] ── {label}: done in {_elapsed(time.monotonic() - start)} -> {out.out_dir}", flush=True)
     return 0
@@ -151,7 +148,7 @@ def benchmark_specs(items: list[str] | None, p) -> list[dict]:
     """--benchmark values as evaluate_all specs: a benchmark name from params.yaml, a file (.tsv: the
     built-in scorer; .jsonl: a multiple-choice text benchmark through lm-eval), or KIND:TASK
     (vlmeval:MMBench_DEV_EN, lmeval:arc_easy). None: every benchmark in params.yaml."""
-    from .stages import _benchmarks
+    from .entrypoints import _benchmarks
 
     configured = {b["name"]: b for b in _benchmarks(p)} if p is not None else {}
     if not items:
@@ -181,7 +178,7 @@ def benchmark_specs(items: list[str] | None, p) -> list[dict]:
 def score_table(scores: dict) -> str:
     """The scores of one model as a markdown table, in %: the headline score per benchmark and their
     average first (as in the comparison), then every other score."""
-    from .stages import headline_scores
+    from .entrypoints import headline_scores
 
     numeric = {k: v for k, v in scores.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("meta/")}
@@ -197,7 +194,7 @@ def score_table(scores: dict) -> str:
 def run_eval(args) -> int:
     from dpa_core.evaluation import evaluate_all
 
-    from .stages import evaluation_settings
+    from .entrypoints import evaluation_settings
 
     p = load_params(args.params, _overrides(args.set)) if Path(args.params).is_file() else None
     specs = benchmark_specs(args.benchmark, p)
@@ -211,6 +208,53 @@ def run_eval(args) -> int:
     print(f"[dpa] evaluating {model_dir} on {', '.join(s['name'] for s in specs)} -> {out}", flush=True)
     scores = evaluate_all(model_dir, specs, out, device=args.device, **settings)
     print(f"\n{model_dir}\n\n{score_table(scores)}", flush=True)
+    return 0
+
+
+def _csv(text: str, typ=str) -> list:
+    return [typ(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def flow_parser() -> argparse.ArgumentParser:
+    from .prefect_flow import DEPLOYMENT_NAME, __doc__ as flow_doc
+
+    ap = argparse.ArgumentParser(prog="dpa flow", description=flow_doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", nargs="?", choices=["run", "serve"], default="run",
+                    help="run: the flow once, in this process (default); serve: the deployment for the UI")
+    ap.add_argument("--profile", help="conf/profile/<name>.yaml (default: conf/config.yaml's)")
+    ap.add_argument("--proxy-arms", type=_csv, help="comma-separated, e.g. dpa,pmo_only")
+    ap.add_argument("--plain-arms", type=_csv, help="comma-separated, e.g. vanilla,cal")
+    ap.add_argument("--seeds", type=lambda s: _csv(s, int), help="comma-separated, e.g. 0,1,2")
+    ap.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", default=[], help="override a setting")
+    ap.add_argument("--project-dir", default=".", help="the repository root (default: .)")
+    ap.add_argument("--name", default=DEPLOYMENT_NAME, help="serve: the deployment name (default: local)")
+    ap.add_argument("--limit", type=int, default=1,
+                    help="serve: flow runs at once (default 1: runs share params.yaml and the workspace)")
+    return ap
+
+
+def run_flow(argv: list[str] | None = None) -> int:
+    """`dpa flow ...`: run the Prefect flow once in-process, or `serve` the deployment."""
+    from .prefect_flow import PARAMS_FILE, dpa_study, serve
+
+    args = flow_parser().parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API request otherwise
+    if args.action == "serve":
+        serve(args.name, args.project_dir, args.limit)
+        return 0
+    overrides = _overrides(args.set)
+    profile = args.profile or load_params(Path(args.project_dir) / PARAMS_FILE).profile
+    from prefect.settings import temporary_settings
+
+    # without PREFECT_API_URL Prefect starts a temporary local server; give it time on a busy machine
+    with temporary_settings(set_defaults={"server.ephemeral.startup_timeout_seconds": 120}):
+        state = dpa_study(profile=profile, proxy_arms=args.proxy_arms, plain_arms=args.plain_arms, seeds=args.seeds,
+                          overrides=overrides or None, project_dir=args.project_dir, return_state=True)
+    if not state.is_completed():
+        print(f"[dpa] flow run {state.name}: {state.message}", file=sys.stderr, flush=True)
+        return 1
+    print(f"[dpa] flow run completed: {state.result()}", flush=True)
     return 0
 
 
@@ -249,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--seed", type=int)
     st.add_argument("--params", default="params.yaml")
     st.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="override a setting")
-    va = sub.add_parser("validate", help="validate params.yaml and the selected profile")
+    co = sub.add_parser("compose", help="write params.yaml from conf/ + profile + overrides, as `dvc exp run -S` does")
+    co.add_argument("--params", default="params.yaml")
+    co.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="e.g. profile=smoke, proxy.lora.r=64")
+    va = sub.add_parser("validate", help="validate params.yaml (or conf/ composed with -S overrides)")
     va.add_argument("--params", default="params.yaml")
     va.add_argument("-S", "--set", action="append", metavar="KEY=VALUE")
     sh = sub.add_parser("show", help="print the comparison table")
@@ -284,11 +331,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "stage":
             return run_stage(args)
+        if args.cmd == "compose":
+            from .params import CONF_DIR, build, compose, write_params, Params
+
+            data = compose(Path(args.params).parent / CONF_DIR, _overrides(args.set))
+            p = build(Params, data)  # validate before writing
+            write_params(args.params, data)
+            print(f"{args.params} written from {Path(args.params).parent / CONF_DIR} (profile {p.profile})")
+            return 0
         if args.cmd == "validate":
             p = load_params(args.params, _overrides(args.set))
             print(f"params OK (profile {p.profile}; arms {p.study.arms}; seeds {p.study.seeds})")
+            if not args.set:
+                from .params import drift_from_conf
+
+                if drift := drift_from_conf(args.params, p.profile):
+                    print(f"note: {args.params} differs from conf/ composed with profile {p.profile} in "
+                          f"{', '.join(drift)} (set by `dvc exp run -S`, or conf/ edited since); "
+                          f"`dpa compose -S profile={p.profile}` rewrites it from conf/.")
             if all((Path(m) / "config.json").is_file() for m in (p.model.vision, p.model.llm)):
-                from .stages import preflight
+                from .entrypoints import preflight
 
                 print(preflight(p).summary())
             else:
@@ -297,9 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "show":
             p = load_params(args.params)
-            from .stages import layout
+            from .entrypoints import layout
 
-            print((layout(p).compare() / "comparison.md").read_text())
+            table = layout(p).compare() / "comparison.md"
+            if not table.is_file():
+                raise DPAInputError("no comparison yet: the pipeline has not run (or not to its end) here.",
+                                    file=table, fix="run the study first: `bash scripts/demo.sh` or `dvc repro` "
+                                    "(then `dpa show` prints its table).")
+            print(table.read_text())
             from .tracking import existing_runs_view_url, tracking_uri
 
             uri = tracking_uri(p.tracking.uri)
@@ -313,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import parse_values, run_conflict_sweep
 
             values = parse_values(args.values)
-            load_params("params.yaml", _overrides(args.set))  # fail before the first run
-            run_conflict_sweep(values, args.set or [])
+            sets = list(args.set or [])
+            if "profile" not in _overrides(sets):  # `dvc exp run` composes conf/: keep the workspace's profile
+                sets.insert(0, f"profile={load_params('params.yaml').profile}")
+            load_params("params.yaml", _overrides(sets))  # fail before the first run
+            run_conflict_sweep(values, sets)
             return 0
         if args.cmd == "chat":
             return run_chat(args)
@@ -325,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_main(rest) or 0
         if args.cmd == "flow":
-            from .prefect_flow import cli as flow_cli
-
-            return flow_cli(rest) or 0
+            return run_flow(rest) or 0
     except DPAInputError as e:
         print(f"[dpa] error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -71,17 +71,27 @@ def _column_order(key: str) -> tuple:
     return key.split("/", 1)[0], (None, LIKELIHOOD, CLOZE).index(scoring_mode(key)), not key.endswith("/overall"), key
 
 
-def summarise(rows: dict) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
+def common_headlines(rows: dict, arms: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The headline scores every seed of every trained arm has (what the average is taken over), and
+    the others with the runs that lack them (an optional benchmark skipped somewhere)."""
+    runs = [(arm, seed, s) for arm in arms if arm in rows for seed, s in rows[arm].items()]
+    heads = headline_keys({k for _, _, s in runs for k in s})
+    common = [k for k in heads if all(k in s for _, _, s in runs)]
+    missing = {k: [f"{arm} seed {seed}" for arm, seed, s in runs if k not in s] for k in heads if k not in common}
+    return common, missing
+
+
+def summarise(rows: dict, heads: list[str] | None = None) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
     """Metric columns and {arm: {metric: (mean, std, n)}} with an 'average' of the headline scores
-    (for rows that have all of them)."""
+    `heads` (default: every headline score) for rows that have all of them."""
     metrics = sorted({k for seeds in rows.values() for s in seeds.values() for k in s}, key=_column_order)
-    heads = headline_keys(metrics)
+    heads = headline_keys(metrics) if heads is None else heads
     table = {}
     for arm, seeds in rows.items():
         per_seed = []
         for s in seeds.values():
             # Only over the same benchmarks for every row: the ceiling, for one, has no text benchmarks.
-            complete = all(k in s for k in heads)
+            complete = bool(heads) and all(k in s for k in heads)
             per_seed.append(dict(s, **({AVERAGE: statistics.fmean(s[k] for k in heads)} if complete else {})))
         table[arm] = {}
         for m in [AVERAGE, *metrics]:
@@ -231,8 +241,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     """Write the comparison into out_dir. `log_parent(arm, seed, metrics)`, when given, logs each arm's
     summary figures onto that arm's MLflow parent run for every seed."""
     rows = collect(p, layout)
-    columns, table = summarise(rows)
-    heads = headline_keys([c for c in columns if c != AVERAGE])
+    heads, left_out = common_headlines(rows, p.study.arms)
+    columns, table = summarise(rows, heads)
     arms = list(table)
     n_seeds = {arm: max(c[2] for c in table[arm].values()) for arm in arms}
     verdicts = collect_verdicts(p, layout)
@@ -245,7 +255,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     for arm in others:
         diffs[arm] = {}
         for m in columns:
-            fn = (lambda s: statistics.fmean(s[k] for k in heads if k in s)) if m == AVERAGE else (lambda s, m=m: s.get(m, math.nan))
+            fn = (lambda s: statistics.fmean([s[k] for k in heads if k in s] or [math.nan])) if m == AVERAGE \
+                else (lambda s, m=m: s.get(m, math.nan))
             diffs[arm][m] = paired_difference(rows, arm, BASELINE, fn)
         boots[arm] = {m: b for m in columns if (b := bootstrap_pair(verdicts, arm, BASELINE, m)) is not None}
 
@@ -259,6 +270,11 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     _table(md, "Likelihood (highest option-letter log-probability)", lik_columns, table, arms, n_seeds, diffs, boots)
     _table(md, "Cloze (plain question; the option whose full answer is most likely, no letters)", cloze_columns,
            table, arms, n_seeds, diffs, boots)
+    if left_out:
+        md.write(f"**The average is over the {len(heads)} benchmark(s) every arm and seed has** "
+                 f"({', '.join(heads) or 'none'}); left out: "
+                 + "; ".join(f"{k} (skipped, optional, for {', '.join(runs)})" for k, runs in left_out.items())
+                 + ".\n\n")
 
     # The paired differences, one line per benchmark metric, with the verdict and the sizing figures.
     stat_rows = []

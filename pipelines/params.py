@@ -1,4 +1,4 @@
-"""params.yaml: load, apply the profile and overrides, validate against a typed schema.
+"""params.yaml (composed by DVC/Hydra from conf/): load, compose with overrides, validate against a typed schema.
 
 The schema is a tree of dataclasses mirroring params.yaml. Validation walks the YAML against it:
 an unknown key names the nearest valid one, a wrong type or an impossible value names the key.
@@ -6,7 +6,6 @@ an unknown key names the nearest valid one, a wrong type or an impossible value 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import re
@@ -19,7 +18,7 @@ import yaml
 
 from dpa_core.errors import DPAInputError
 
-PROFILE_DIR = Path("configs/profiles")
+CONF_DIR = Path("conf")  # Hydra config dir (DVC's default): config.yaml + profile/<name>.yaml
 
 
 class ParamsError(DPAInputError):
@@ -251,6 +250,7 @@ class Benchmark:
     prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
     num_fewshot: Optional[int] = None  # lmeval
     allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
+    optional: bool = False  # data or extra missing here: skip it (compare averages what every arm has) instead of failing
 
 
 @dataclass
@@ -293,7 +293,7 @@ class Tracking:
 class Runtime:
     outputs: str = "outputs"
     executor: Literal["local", "docker"] = "local"
-    image: str = "dpa-pipeline:cpu"
+    image: str = "dpa:cpu"
     gpus: Optional[str] = None
     launcher: Literal["python", "accelerate"] = "python"
     accelerate_config: str = "configs/accelerate/ddp.yaml"
@@ -339,6 +339,14 @@ class Params:
         if self.reliance.content_words and not Path(self.reliance.content_words).resolve().is_relative_to(root):
             raise ParamsError(f"reliance.content_words = {self.reliance.content_words!r} is outside data.root "
                               f"({self.data.root}).", file="params.yaml", fix="move the word list under data.root.")
+        local = [(f"evaluate.benchmarks[{i}].path", b.path) for i, b in enumerate(self.evaluate.benchmarks) if b.path]
+        if any(b.kind == "vlmeval" for b in self.evaluate.benchmarks) and self.evaluate.lmu_data:
+            local.append(("evaluate.lmu_data", self.evaluate.lmu_data))
+        for key, value in local:  # the evaluate stages depend on data.root: what they read must lie there
+            if not Path(value).resolve().is_relative_to(root):
+                raise ParamsError(f"{key} = {value!r} is outside data.root ({self.data.root}); DVC would not see "
+                                  "changes to it.", file="params.yaml",
+                                  fix="move or symlink the benchmark data under data.root (e.g. data/LMUData).")
         if self.runtime.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ParamsError("runtime.num_processes > 1 needs runtime.launcher: accelerate.", file="params.yaml",
                               fix="set launcher: accelerate, or num_processes: 1.")
@@ -470,13 +478,6 @@ def load_yaml(text: str, name: str = "<string>"):
     finally:
         loader.dispose()
 
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
@@ -497,29 +498,87 @@ def parse_override(text: str) -> tuple[str, Any]:
                           fix="quote strings, write lists as [a, b].") from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
-                profile_dir: Path | None = None) -> Params:
+def compose(conf_dir: str | Path = CONF_DIR, overrides: dict[str, Any] | None = None) -> dict:
+    """The effective settings as `dvc exp run -S k=v ...` writes them into params.yaml: Hydra composes
+    conf/config.yaml with the selected profile (conf/profile/<name>.yaml, `profile` override or the
+    default of config.yaml), then every other override is set over both."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / "config.yaml").is_file():
+        raise ParamsError("no conf/config.yaml: the settings are composed from it.", file=conf_dir / "config.yaml",
+                          fix="run from the project root (or pass the params.yaml that lies beside conf/).")
+    rest = dict(overrides or {})
+    groups = []
+    if "profile" in rest:
+        profile = rest.pop("profile")
+        known = sorted(p.stem for p in (conf_dir / "profile").glob("*.yaml"))
+        if profile not in known:
+            raise ParamsError(f"unknown profile {profile!r}.{_nearest(profile, known)}",
+                              file=conf_dir / "profile", fix=f"use one of {known}.")
+        groups.append(f"profile={profile}")
+    try:
+        with initialize_config_dir(str(conf_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=groups)
+    except HydraException as e:
+        raise ParamsError(f"cannot compose the settings: {e}", file=conf_dir,
+                          fix="fix the YAML of conf/config.yaml or the profile it names.") from None
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for k, v in rest.items():
+        set_dotted(data, k, v)
+    return data
+
+
+def write_params(path: str | Path, data: dict) -> None:
+    """params.yaml as DVC's Hydra composition writes it (OmegaConf's YAML), replaced atomically."""
+    from omegaconf import OmegaConf
+
     path = Path(path)
+    text = OmegaConf.to_yaml(OmegaConf.create(data))
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return  # unchanged: leave the file (and its mtime) alone
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """The settings the stages run with, validated.
+
+    Without overrides: params.yaml as it is (what DVC interpolates and tracks, what `dvc repro` runs).
+    With overrides: what `dvc exp run -S k=v ...` would write there, i.e. conf/ (beside params.yaml)
+    composed with the profile and the overrides (`compose`). There is no second merge: the values
+    DVC records are the values the stages use.
+    """
+    path = Path(path)
+    if overrides:
+        return build(Params, compose(path.parent / CONF_DIR, overrides))
     try:
         raw = load_yaml(path.read_text(), str(path)) or {}
     except FileNotFoundError:
-        raise ParamsError("params file not found.", file=path, fix="run from the project root.") from None
+        raise ParamsError("params file not found.", file=path,
+                          fix="run from the project root, or write it from conf/ with `dpa compose`.") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"not valid YAML: {e}", file=path, fix="fix the YAML syntax.") from None
-    for k, v in (overrides or {}).items():
-        set_dotted(raw, k, v)
-    profile = raw.get("profile", "toy")
-    pdir = profile_dir or path.parent / PROFILE_DIR
-    pfile = pdir / f"{profile}.yaml"
-    if not pfile.is_file():
-        known = sorted(p.stem for p in pdir.glob("*.yaml"))
-        raise ParamsError(f"unknown profile {profile!r}.{_nearest(profile, known)}", file=path,
-                          fix=f"use one of {known}.")
-    try:
-        profile_data = load_yaml(pfile.read_text(), str(pfile)) or {}
-    except yaml.YAMLError as e:
-        raise ParamsError(f"not valid YAML: {e}", file=pfile, fix="fix the YAML syntax.") from None
-    merged = deep_merge(raw, profile_data)
-    for k, v in (overrides or {}).items():  # explicit overrides win over the profile too
-        set_dotted(merged, k, v)
-    return build(Params, merged)
+    return build(Params, raw)
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def drift_from_conf(path: str | Path, profile: str) -> list[str]:
+    """The keys where params.yaml differs from conf/ composed with `profile` ([] when none, or no conf/)."""
+    path = Path(path)
+    if not (path.parent / CONF_DIR / "config.yaml").is_file():
+        return []
+    have = _leaves(build(Params, load_yaml(path.read_text(), str(path))).to_dict())
+    want = _leaves(build(Params, compose(path.parent / CONF_DIR, {"profile": profile})).to_dict())
+    return sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))

@@ -60,8 +60,10 @@ def make_repo_copy(tmp_path: Path, profile: str | None = None, source: Path | No
 
     Args:
         tmp_path: a directory for the copy (e.g. pytest's tmp_path); the copy is `tmp_path/"repo"`.
-        profile: when given, the `profile:` line of the copy's params.yaml is set to it (e.g.
-            "smoke") before the commit, comments and layout kept.
+        profile: when given, the copy's default profile (the `- profile: NAME` line of
+            conf/config.yaml's defaults list) is set to it (e.g. "smoke") and params.yaml is composed
+            from conf/ by DVC's own Hydra composition, as `dvc exp run -S profile=NAME` writes it,
+            before the commit.
         source: the checkout to copy (default: this repository).
 
     Returns:
@@ -83,11 +85,14 @@ def make_repo_copy(tmp_path: Path, profile: str | None = None, source: Path | No
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel, follow_symlinks=False)
     if profile is not None:
-        params = dest / "params.yaml"
-        text, n = re.subn(r"(?m)^profile:[ \t]*\S+", f"profile: {profile}", params.read_text(), count=1)
+        from dvc.utils.hydra import compose_and_dump
+
+        config = dest / "conf" / "config.yaml"
+        text, n = re.subn(r"(?m)^  - profile:[ \t]*\S+", f"  - profile: {profile}", config.read_text(), count=1)
         if n != 1:
-            raise RuntimeError("params.yaml has no top-level `profile:` line to set")
-        params.write_text(text)
+            raise RuntimeError("conf/config.yaml has no `- profile:` default to set")
+        config.write_text(text)
+        compose_and_dump(dest / "params.yaml", str(dest / "conf"), None, "config", "", [])
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)

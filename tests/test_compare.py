@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.compare import build_comparison
 from pipelines.params import load_params
-from pipelines.stages import Layout
+from pipelines.entrypoints import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,21 @@ def test_average_only_over_rows_with_every_benchmark(tmp_path):
     m = build_comparison(p, lay, lay.compare())["metrics"]
     assert m["dpa/average"] == pytest.approx(0.5) and "ceiling/average" not in m
     assert m["ceiling/toy_mcq/overall"] == 0.9
+
+
+def test_average_only_over_benchmarks_every_arm_has(tmp_path):
+    """An optional benchmark skipped for one arm leaves the average (both arms' averages are over the
+    same benchmarks) and the table says so."""
+    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": False})
+    lay = Layout(tmp_path / "outputs")
+    write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "text_facts/acc": 0.4, "mmb/overall": 0.9})
+    write_scores(lay, "vanilla", 0, {"toy_mcq/overall": 0.5, "text_facts/acc": 0.3})  # mmb skipped here
+    m = build_comparison(p, lay, lay.compare())["metrics"]
+    assert m["dpa/average"] == pytest.approx(0.5) and m["vanilla/average"] == pytest.approx(0.4)
+    assert m["dpa_minus_vanilla/average"] == pytest.approx(0.1)
+    md = (lay.compare() / "comparison.md").read_text()
+    assert "average is over the 2 benchmark(s) every arm and seed has" in md
+    assert "left out: mmb/overall (skipped, optional, for vanilla seed 0)" in md
 
 
 def test_table_means_spread_and_difference(tmp_path):

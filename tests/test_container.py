@@ -23,7 +23,7 @@ REPO = Path("/home/alice/dpa")
 
 def test_cpu_stage_exact_argv():
     cmd = container_command(
-        ["world_gen", "--seed", "0"],
+        ["mix"],
         image="dpa:cpu",
         workdir=REPO,
         gpus=None,
@@ -39,7 +39,7 @@ def test_cpu_stage_exact_argv():
         "-w", "/home/alice/dpa",
         "--shm-size", "8g",
         "dpa:cpu",
-        "world_gen", "--seed", "0",
+        "mix",
     ]  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def test_evaluate_all_merges_and_reports(tiny_llava_dir, toy_tsv, tmp_path):
     lmu.mkdir()
     benchmarks = [
         {"name": "toy_mcq", "kind": "builtin_tsv", "path": str(toy_tsv), "limit": 4},
-        {"name": "mmbench", "kind": "vlmeval", "task": "MMBench_DEV_EN"},  # no TSV here: skipped, never scored
+        {"name": "mmbench", "kind": "vlmeval", "task": "MMBench_DEV_EN", "optional": True},  # no TSV here: skipped
         {"name": "text_facts", "kind": "lmeval", "path": str(facts)},
     ]
     scores = evaluate_all(tiny_llava_dir, benchmarks, tmp_path / "eval", batch_size=4, max_new_tokens=4,
@@ -84,6 +84,22 @@ def test_evaluate_all_merges_and_reports(tiny_llava_dir, toy_tsv, tmp_path):
     assert report["toy_mcq"]["status"] == "ok" and report["text_facts"]["status"] == "ok"
     assert report["mmbench"]["status"] == "skipped" and report["mmbench"]["reason"]
     assert (out / "toy_mcq" / "predictions.jsonl").is_file() and (out / "text_facts" / "samples.jsonl").is_file()
+
+
+def test_a_missing_benchmark_fails_unless_optional(tiny_llava_dir, tmp_path):
+    """A benchmark whose data is not here fails the evaluation (a skipped benchmark cached as a
+    success would make arms with different skips look comparable), naming it and the fix."""
+    lmu = tmp_path / "LMUData"
+    lmu.mkdir()
+    with pytest.raises(DPAInputError) as err:
+        evaluate_all(tiny_llava_dir, [{"name": "mmbench", "kind": "vlmeval", "task": "MMBench_DEV_EN"}],
+                     tmp_path / "eval", device="cpu", lmu_data=lmu, offline=True)
+    assert "benchmark 'mmbench' cannot run here" in str(err.value) and "optional: true" in str(err.value)
+    assert not (tmp_path / "eval").exists()
+    scores = evaluate_all(tiny_llava_dir, [{"name": "mmbench", "kind": "vlmeval", "task": "MMBench_DEV_EN",
+                                            "optional": True}], tmp_path / "eval", device="cpu", lmu_data=lmu,
+                          offline=True)
+    assert scores["meta/evaluate/n_skipped"] == 1 and not any(k.startswith("mmbench/") for k in scores)
 
 
 def test_evaluate_all_rejects_bad_specs_before_running(tiny_llava_dir, tmp_path):

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 
 
-@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "configs/profiles").glob("*.yaml")))
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "conf/profile").glob("*.yaml")))
 def test_every_profile_validates(profile):
     p = load_params(PARAMS, {"profile": profile})
     assert p.profile == profile and p.study.arms
@@ -34,17 +34,36 @@ def test_paper_profiles_carry_the_paper_settings():
     ({"loss.delta_min": 0.6}, "delta_min < delta_max"),
     ({"study.plain_arms": ["dpa"]}, "belongs in study.proxy_arms"),
     ({"study.plain_arms": ["vanila"]}, "Did you mean 'vanilla'?"),
-    ({"profile": "qwen7b"}, "unknown profile 'qwen7b'"),
     ({"align.train.global_batch_size": 30}, "not a multiple of per_device_batch_size"),
     ({"data.captions": [{"name": "x", "path": "/etc/passwd", "image_root": "data/toyworld/images"}]},
      "is outside data.root"),
     ({"runtime.num_processes": 4}, "needs runtime.launcher: accelerate"),
+    ({"evaluate.lmu_data": "/tmp/LMUData", "evaluate.benchmarks": [{"name": "m", "kind": "vlmeval", "task": "MMBench"}]},
+     "evaluate.lmu_data = '/tmp/LMUData' is outside data.root"),
+    ({"evaluate.benchmarks": [{"name": "t", "kind": "builtin_tsv", "path": "/tmp/t.tsv"}]},
+     "evaluate.benchmarks[0].path = '/tmp/t.tsv' is outside data.root"),
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ParamsError) as err:
         load_params(PARAMS, override)
     assert message in str(err.value)
     assert "params.yaml" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_unknown_profile_is_named():
+    with pytest.raises(ParamsError) as err:
+        load_params(PARAMS, {"profile": "qwen7b"})
+    assert "unknown profile 'qwen7b'. Did you mean 'qwen2.5-7b'?" in str(err.value)
+    assert "conf/profile" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_params_yaml_is_conf_composed_by_dvc(tmp_path):
+    """The committed params.yaml is what DVC's Hydra composition of conf/ writes (`dvc exp run`)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(tmp_path / "params.yaml", str(ROOT / "conf"), None, "config", "", [])
+    assert PARAMS.read_text() == (tmp_path / "params.yaml").read_text(), "run `dpa compose` after editing conf/"
+    assert "enabled = true" in (ROOT / ".dvc/config").read_text().split("[hydra]", 1)[1]
 
 
 def test_overrides_win_over_the_profile():
@@ -59,7 +78,7 @@ import shutil  # noqa: E402
 from pipelines.cli import main as dpa_main  # noqa: E402
 from pipelines.params import parse_override  # noqa: E402
 
-PROFILES = ROOT / "configs" / "profiles"
+CONF = ROOT / "conf"
 
 
 def _params_copy(tmp_path, edit=lambda text: text) -> Path:
@@ -72,15 +91,15 @@ def _params_copy(tmp_path, edit=lambda text: text) -> Path:
                                             ("0.002", 0.002), ("1", 1.0), ("'3e-4'", 3e-4)])
 def test_floats_as_users_write_them_in_params_yaml(tmp_path, written, value):
     path = _params_copy(tmp_path, lambda t: t.replace("learning_rate: 0.002", f"learning_rate: {written}", 1))
-    p = load_params(path, profile_dir=PROFILES)
+    p = load_params(path)
     assert p.align.train.learning_rate == value and isinstance(p.align.train.learning_rate, float)
 
 
 def test_floats_in_a_profile(tmp_path):
-    pdir = tmp_path / "profiles"
-    shutil.copytree(PROFILES, pdir)
-    (pdir / "mine.yaml").write_text("proxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n    learning_rate: 5E-4\n")
-    p = load_params(PARAMS, {"profile": "mine"}, profile_dir=pdir)
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "conf/profile/mine.yaml").write_text(
+        "# @package _global_\nproxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n    learning_rate: 5E-4\n")
+    p = load_params(tmp_path / "params.yaml", {"profile": "mine"})
     assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (4e-5, 5e-4)
 
 
@@ -120,28 +139,27 @@ def test_dvc_exp_run_set_values(tmp_path, override, key, value):
 
     path = _params_copy(tmp_path)
     apply_overrides(path, [override])
-    got = load_params(path, profile_dir=PROFILES).to_dict()
+    got = load_params(path).to_dict()
     for k in key.split("."):
         got = got[k]
     assert got == value and type(got) is type(value)
 
 
 def test_prefect_parameters_take_floats_as_text_or_numbers(tmp_path):
-    from pipelines.prefect_flow import build_overrides, render_params
+    from pipelines.prefect_flow import apply_params, build_overrides
 
+    shutil.copytree(CONF, tmp_path / "conf")
     for given in ("2e-5", 2e-5):
         ov = build_overrides(overrides={"proxy.train.learning_rate": given, "finetune": {"train": {"learning_rate": "5E-4"}}})
-        path = tmp_path / "params.yaml"
-        path.write_text(render_params(PARAMS.read_text(), ov))
-        p = load_params(path, profile_dir=PROFILES)
+        apply_params(tmp_path, ov)
+        p = load_params(tmp_path / "params.yaml")
         assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (2e-5, 5e-4)
 
 
 def test_duplicate_key_is_rejected_by_dpa_validate(tmp_path, capsys):
-    path = _params_copy(tmp_path, lambda t: t.replace("  seed: 0                # the world's data seed",
-                                                      "  seed: 0\n  seed: 1                # the world's data seed", 1))
-    line = path.read_text().splitlines().index("  seed: 1                # the world's data seed (fixed across study seeds)") + 1
-    shutil.copytree(PROFILES, tmp_path / "configs" / "profiles")
+    path = _params_copy(tmp_path, lambda t: t.replace("world:\n  size: default\n  seed: 0\n",
+                                                      "world:\n  size: default\n  seed: 0\n  seed: 1\n", 1))
+    line = path.read_text().splitlines().index("  seed: 1") + 1
     assert dpa_main(["validate", "--params", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"duplicate key 'seed' at line {line} (first at line {line - 1})" in err and str(path) in err

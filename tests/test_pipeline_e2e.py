@@ -86,7 +86,7 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
     repo, _ = study
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stages import headline_scores
+    from pipelines.entrypoints import headline_scores
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dpa-study")
@@ -287,7 +287,9 @@ def test_proxy_change_reruns_the_dpa_arm_only(study):
     params = repo / "params.yaml"
     original = params.read_text()
     try:
-        params.write_text(original.replace("lora: {r: 16, alpha: 32, dropout: 0.0}", "lora: {r: 8, alpha: 16, dropout: 0.0}"))
+        lora = "  lora:\n    r: 16\n    alpha: 32\n    dropout: 0.0\n"  # proxy.lora (the first lora block)
+        assert lora in original
+        params.write_text(original.replace(lora, lora.replace("r: 16", "r: 8").replace("alpha: 32", "alpha: 16"), 1))
         would = stages_that_would_run(repo)
         assert {"proxy@0", "align_proxy@dpa-0", "finetune_proxy@dpa-0", "merge_proxy@dpa-0",
                 "evaluate_proxy@dpa-0", "compare"} <= would
@@ -314,3 +316,24 @@ def test_stage_finishes_when_mlflow_is_down(study):
     res = run(["dpa", "stage", "compare"], repo, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert (repo / "outputs/compare/comparison.md").is_file()
     assert "not logged" in res.stdout + res.stderr
+
+
+def test_exp_run_set_wins_over_the_profile(study):
+    """Under a profile that sets proxy.lora.r, `dvc exp run -S proxy.lora.r=N` trains the proxy with
+    N, and DVC records N (issue 12, item 1a): params.yaml is composed by DVC from conf/, the stage
+    reads only params.yaml."""
+    repo, _ = study
+    smoke = (repo / "conf/profile/smoke.yaml").read_text().replace("profile: smoke", "profile: smoke_r4")
+    assert smoke.count("\nproxy:\n") == 1
+    smoke = smoke.replace("\nproxy:\n", "\nproxy:\n  lora: {r: 4, alpha: 8, dropout: 0.0}\n")
+    (repo / "conf/profile/smoke_r4.yaml").write_text(smoke)
+    res = run(["dvc", "exp", "run", "-S", "profile=smoke_r4", "-S", "proxy.lora.r=2", "proxy@0"], repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
+    assert ran == {"proxy@0"}, ran  # world and mix: same settings as under smoke, cached
+    adapter = json.loads((repo / "outputs/proxy/seed0/adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (2, 8)  # -S wins over the profile, the rest is the profile's
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout)))
+    assert any(r["proxy.lora.r"] == "2" and r["profile"] == "smoke_r4" for r in rows), rows

@@ -39,7 +39,10 @@ def test_stage_graph_matches_dvc_stage_list(repo, proxy_arms, plain_arms, seeds)
     for stage, deps in graph.items():  # topological: every dependency comes first
         assert set(deps) <= done, (stage, deps)
         done.add(stage)
-    assert set(graph["compare"]) >= {s for s in graph if pf.stage_family(s) == "evaluate"}
+    entries = pf.stage_entries(repo)  # the registry stage each DVC stage runs (`dpa stage NAME`)
+    assert set(entries) == set(graph) and set(entries.values()) == set(pf.STAGES)
+    assert all(entries[s] == s.split("@")[0].removesuffix("_proxy") for s in entries)  # dvc.yaml's naming
+    assert set(graph["compare"]) >= {s for s in graph if entries[s] == "evaluate"}
     for seed in p.study.seeds:
         for arm in p.study.plain_arms:  # arms without a proxy never wait for the proxy stage
             assert f"proxy@{seed}" not in graph[f"align@{arm}-{seed}"]
@@ -48,18 +51,24 @@ def test_stage_graph_matches_dvc_stage_list(repo, proxy_arms, plain_arms, seeds)
 
 
 def test_overrides_are_written_like_dvc_exp_run_set(tmp_path):
+    """params.yaml after the flow's overrides is byte for byte what `dvc exp run -S` writes (DVC's
+    own Hydra composition of conf/), and the overrides win over the profile."""
+    from dvc.utils.hydra import compose_and_dump
+
     repo = make_repo_copy(tmp_path)  # params.yaml as committed: profile toy, vanilla, seed 0
-    text = (repo / "params.yaml").read_text()
+    committed = (repo / "params.yaml").read_text()
     pf.apply_params(repo, pf.build_overrides("smoke", None, ["vanilla", "cal"], [0, 1],
-                                             {"proxy.lora.r": 64, "evaluate": {"max_new_tokens": "12"}}))
-    new = (repo / "params.yaml").read_text()
-    assert "profile: smoke" in new and "plain_arms: [vanilla, cal]" in new and "seeds: [0, 1]" in new
-    assert "lora: {r: 64, alpha: 32, dropout: 0.0}" in new and "max_new_tokens: 12\n" in new  # YAML-typed, flow style kept
-    comments = [l.split("#", 1)[1] for l in text.splitlines() if "#" in l]
-    assert all(c in new for c in comments)  # every comment kept
-    assert len(new.splitlines()) == len(text.splitlines())
-    pf.apply_params(repo, pf.build_overrides("toy", None, ["vanilla"], [0], {"proxy.lora.r": 16, "evaluate.max_new_tokens": 8}))
-    assert (repo / "params.yaml").read_text() == text  # and back, byte for byte
+                                             {"proxy.lora.r": 64, "evaluate": {"max_new_tokens": "12"},
+                                              "world.size": "default"}))
+    compose_and_dump(tmp_path / "dvc.yaml", str(repo / "conf"), None, "config", "",
+                     ["profile=smoke", "study.plain_arms=[vanilla,cal]", "study.seeds=[0,1]", "proxy.lora.r=64",
+                      "evaluate.max_new_tokens=12", "world.size=default"])
+    assert (repo / "params.yaml").read_text() == (tmp_path / "dvc.yaml").read_text()
+    p = pf.validate(repo, {})  # what `dpa stage` reads
+    assert (p.profile, p.proxy.lora.r, p.evaluate.max_new_tokens, p.world.size) == ("smoke", 64, 12, "default")
+    assert p.align.train.max_steps == 4  # the rest of the profile
+    pf.apply_params(repo, pf.build_overrides("toy"))
+    assert (repo / "params.yaml").read_text() == committed  # and back, byte for byte
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -79,18 +88,14 @@ def test_invalid_settings_fail_before_anything_is_written(repo, kwargs, message)
     assert not list(repo.glob(".params.*"))  # no temporary file left behind
 
 
-def test_a_value_the_profile_overrides_is_refused(repo):
-    with pytest.raises(ParamsError, match="profile 'smoke' sets world.size"):
-        pf.apply_params(repo, {"profile": "smoke", "world.size": "default"})
-
-
 def test_retries_for_training_and_evaluation_only():
-    assert pf.stage_family("align_proxy@dpa-0") == "align" and pf.stage_family("evaluate@vanilla-1") == "evaluate"
-    for stage in ("proxy@0", "align_proxy@dpa-0", "finetune@vanilla-0", "evaluate_proxy@dpa-0", "evaluate_reference"):
-        t = pf.stage_task(stage)
-        assert t.retries == pf.RETRIES > 0 and t.task_run_name == stage
-    for stage in ("world", "mix", "diagnose@0", "merge@vanilla-0", "compare"):
-        assert pf.stage_task(stage).retries == 0
+    for stage, entry in (("proxy@0", "proxy"), ("align_proxy@dpa-0", "align"), ("finetune@vanilla-0", "finetune"),
+                         ("evaluate_proxy@dpa-0", "evaluate"), ("evaluate_reference", "evaluate_reference")):
+        t = pf.stage_task(stage, entry)
+        assert t.retries == pf.RETRIES > 0 and t.task_run_name == stage and t.name == entry
+    for stage, entry in (("world", "world"), ("mix", "mix"), ("diagnose@0", "diagnose"), ("merge@vanilla-0", "merge"),
+                         ("compare", "compare")):
+        assert pf.stage_task(stage, entry).retries == 0
     assert pf.validate_params.retries == 0
     bad_input = pf.StageFailed("align@cal-0", 255, "[dpa] error: x", input_error=True)
 
@@ -157,11 +162,13 @@ def test_stage_env_puts_this_python_first_and_tags_the_flow_run():
 
 
 def test_cli_parses_like_dpa_flow():
-    a = pf._parser().parse_args(["--profile", "smoke", "--plain-arms", "vanilla, cal", "--seeds", "0,1", "-S",
+    from pipelines.cli import flow_parser
+
+    a = flow_parser().parse_args(["--profile", "smoke", "--plain-arms", "vanilla, cal", "--seeds", "0,1", "-S",
                                  "proxy.lora.r=64"])
     assert (a.action, a.profile, a.plain_arms, a.seeds, a.set) == ("run", "smoke", ["vanilla", "cal"], [0, 1],
                                                                    ["proxy.lora.r=64"])
-    assert pf._parser().parse_args(["serve"]).action == "serve"
+    assert flow_parser().parse_args(["serve"]).action == "serve"
 
 
 @pytest.fixture()

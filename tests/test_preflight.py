@@ -128,7 +128,7 @@ def test_proxy_stage_checks_the_model_pair_first(data, tmp_path):
     """An LLM that cannot hold the image tokens is reported by the first training stage (proxy) and
     by `dpa validate`, not after the proxy retrained."""
     from pipelines.cli import main as dpa_main
-    from pipelines.stages import proxy
+    from pipelines.entrypoints import proxy
 
     short = _edit_config(data["llm"], tmp_path / "llm", lambda c: c.update(max_position_embeddings=20))
     p = _params(data, tmp_path, **{"model.llm": str(short)})
@@ -155,12 +155,13 @@ def _world(data, tmp_path, bad_instruction: bool):
     (root / "inst.json").write_text(json.dumps(inst))
     src = lambda n: {"name": n, "path": str(root / f"{n}.json"), "image_root": str(root / "images")}  # noqa: E731
     return {"data.root": str(root), "data.captions": [src("terse"), src("verbose")], "reliance.captions": [],
+            "evaluate.benchmarks": [],  # the shipped ones lie under the toy data.root
             "reliance.content_words": None,
             "data.instructions": [{"name": "inst", "path": str(root / "inst.json"), "image_root": str(root / "images")}]}
 
 
 def test_mix_checks_the_instruction_sources_too(data, tmp_path):
-    from pipelines.stages import mix
+    from pipelines.entrypoints import mix
 
     p = _params(data, tmp_path, **_world(data, tmp_path, bad_instruction=True))
     with pytest.raises(DPAInputError) as e:
@@ -171,7 +172,7 @@ def test_mix_checks_the_instruction_sources_too(data, tmp_path):
 
 
 def test_mix_total_that_empties_the_holdout_is_refused(data, tmp_path):
-    from pipelines.stages import mix
+    from pipelines.entrypoints import mix
 
     p = _params(data, tmp_path, **_world(data, tmp_path, bad_instruction=False), **{"mix.total": 12})
     with pytest.raises(DPAInputError, match="too few to hold any out"):
@@ -181,7 +182,7 @@ def test_mix_total_that_empties_the_holdout_is_refused(data, tmp_path):
 
 def test_diagnose_refuses_an_empty_holdout(data, tmp_path):
     """It wrote `{}` without a word (a mix from before the mix stage refused it)."""
-    from pipelines.stages import diagnose
+    from pipelines.entrypoints import diagnose
 
     p = _params(data, tmp_path)
     mix = tmp_path / "outputs" / "mix"

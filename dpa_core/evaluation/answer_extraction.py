@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
-import string
 import unicodedata
-
-OPTION_LETTERS = tuple(string.ascii_uppercase)
 
 # Rule 1: nothing but one letter, optionally bracketed and/or followed by one punctuation mark.
 _BARE_LETTER = re.compile(r"^[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:,;!]?$")

@@ -5,7 +5,8 @@
   {name: text_facts, kind: lmeval,      path: data/.../facts.jsonl}    # local multiple-choice jsonl
   {name: mmlu,       kind: lmeval,      task: mmlu}                    # lm-eval task by name
 Optional per spec: limit, batch_size, max_new_tokens (generation kinds), prompt and num_fewshot
-(lmeval), allow_download (vlmeval).
+(lmeval), allow_download (vlmeval), optional (true: a benchmark that cannot run here is skipped and
+recorded; by default it fails the evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..errors import DPAInputError
 from .flat_metrics import META, metric_part
 
 KINDS = ("builtin_tsv", "vlmeval", "lmeval")
-_OPTIONAL = {"limit", "batch_size", "max_new_tokens", "prompt", "num_fewshot", "allow_download"}
+_OPTIONAL = {"limit", "batch_size", "max_new_tokens", "prompt", "num_fewshot", "allow_download", "optional"}
 
 
 @dataclass(frozen=True)

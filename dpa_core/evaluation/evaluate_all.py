@@ -4,6 +4,8 @@ and merge their flat metrics.
 out_dir/ (written atomically)
   scores.json      every benchmark's metrics merged, plus meta/evaluate/n_skipped
   report.json      per benchmark: kind, status ("ok" | "skipped"), reason, seconds
+A benchmark that cannot run here (data, extra) fails the call, unless its spec says optional: true
+(then it is skipped, with the reason in report.json).
   <name>/          that benchmark's own files (scores.json, summary.json, predictions...)
 
 The image benchmarks (builtin_tsv, vlmeval) share one loaded model; the text benchmarks (lmeval)
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DPAInputError
 from ..io import atomic_dir, write_json_atomic
 from .benchmark_specs import BenchmarkSpec, parse_specs
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv, has_scene_text
@@ -102,7 +105,12 @@ def evaluate_all(
                 scores.update(fn())
                 entry = {"status": "ok"}
             except BenchmarkSkipped as skip:
-                log.warning("%s", skip)
+                if not spec.option("optional", False):
+                    raise DPAInputError(
+                        f"benchmark {spec.name!r} cannot run here: {skip.reason}", record=spec.name,
+                        fix="make its data (or extra) available, or mark it `optional: true` in evaluate.benchmarks "
+                        "to skip it; compare then averages only the benchmarks every arm has.") from skip
+                log.warning("%s (optional: skipped)", skip)
                 entry = {"status": "skipped", "reason": skip.reason}
             report.append({"name": spec.name, "kind": spec.kind, **entry, "dir": spec.name,
                            "seconds": round(time.perf_counter() - start, 3)})

@@ -1,7 +1,10 @@
-"""Stage entry points: params in, dpa_core call, outputs + MLflow out.
+"""The stage registry and its entry points: params in, dpa_core call, outputs + MLflow out.
 
-One function per stage, the same for DVC (`dpa stage NAME`) and for Prefect tasks. Each returns a
-`StageOutput` naming what it wrote; all ML lives in dpa_core.
+One function per stage, the same for DVC (`dpa stage NAME`) and for Prefect tasks (which run the
+DVC stage). Each returns a `StageOutput` naming what it wrote; all ML lives in dpa_core. `STAGES` is
+the one registry of stages (entry point, whether it takes an arm and a seed, whether it trains,
+whether a failure may be transient): the CLI, the Prefect flow and the tests read it; `Layout` is
+where every stage writes (dvc.yaml uses the same paths).
 """
 
 from __future__ import annotations
@@ -11,17 +14,18 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from dpa_core.errors import DPAInputError
 from dpa_core.io import read_json, write_json_atomic
-from dpa_core.losses import LossConfig
-from dpa_core.trainer import TrainSettings
 
 from .params import Params
 from .tracking import MlflowStepLogger, StageRun, Tracker, tracking_uri
 
-TRAINING_STAGES = ("proxy", "align", "finetune")
+if TYPE_CHECKING:  # imported where used: a stage depends (in dvc.yaml) only on the code it runs
+    from dpa_core.losses import LossConfig
+    from dpa_core.trainer import TrainSettings
+
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,14 @@ def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: di
 # ---- conversions params -> dpa_core -------------------------------------------------------------
 
 def train_settings(section, seed: int) -> TrainSettings:
+    from dpa_core.trainer import TrainSettings
+
     return TrainSettings(**asdict(section.train), seed=seed)
 
 
 def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
+    from dpa_core.losses import LossConfig
+
     kind = p.arm(arm).loss
     if kind != "vanilla" and not (p.loss.cmo_in_align if stage == "align" else p.loss.cmo_in_finetune):
         kind = "vanilla"
@@ -199,6 +207,11 @@ def world(p: Params) -> StageOutput:
 def mix(p: Params) -> StageOutput:
     from dpa_core.mixing import MixSource, check_sources, mix_captions
 
+    if not Path(p.data.root).is_dir():
+        toy = Path(p.world.out).resolve().is_relative_to(Path(p.data.root).resolve())
+        raise DPAInputError(f"data.root ({p.data.root}) does not exist yet.", file=p.data.root,
+                            fix="run the world stage first (`dvc repro world`; it builds the toy data there)" if toy
+                            else "download the profile's data there first (see its header in conf/profile/).")
     sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
     # Every data source of the study, instructions too: a bad instruction record stops the study
     # here, not at finetune after the proxy and both alignments ran.
@@ -501,9 +514,44 @@ def _numeric(d: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in _flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-STAGES = {
-    "world": world, "mix": mix, "proxy": proxy, "diagnose": diagnose, "align": align, "reliance": reliance,
-    "finetune": finetune,
-    "merge": merge, "evaluate": evaluate, "evaluate_reference": evaluate_reference, "compare": compare,
-    "curves": curves,
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the study: `dpa stage NAME [--arm A] [--seed N]` calls `fn(params, **kwargs)`."""
+
+    fn: Callable[..., StageOutput]
+    arm: bool = False  # one run per arm (DVC: the <name>_proxy / <name> matrix over study.*_arms)
+    seed: bool = False  # one run per study seed
+    training: bool = False  # runs under `accelerate launch` with runtime.launcher: accelerate
+    retry: bool = False  # may fail for transient reasons (out of memory, a preempted GPU): Prefect retries it
+
+
+STAGES: dict[str, Stage] = {
+    "world": Stage(world),
+    "mix": Stage(mix),
+    "proxy": Stage(proxy, seed=True, training=True, retry=True),
+    "diagnose": Stage(diagnose, seed=True),
+    "align": Stage(align, arm=True, seed=True, training=True, retry=True),
+    "reliance": Stage(reliance, arm=True, seed=True),
+    "finetune": Stage(finetune, arm=True, seed=True, training=True, retry=True),
+    "merge": Stage(merge, arm=True, seed=True),
+    "evaluate": Stage(evaluate, arm=True, seed=True, retry=True),
+    "evaluate_reference": Stage(evaluate_reference, retry=True),
+    "compare": Stage(compare),
+    "curves": Stage(curves),
 }
+TRAINING_STAGES = tuple(name for name, st in STAGES.items() if st.training)
+
+
+def expected_stages(p: Params) -> list[str]:
+    """The DVC stage names dvc.yaml yields for validated params (DVC's matrix naming): per-arm stages
+    split into `<name>_proxy@ARM-SEED` (proxy arms) and `<name>@ARM-SEED` (plain arms)."""
+    s, out = p.study, []
+    for name, st in STAGES.items():
+        if st.arm:
+            out += [f"{name}_proxy@{a}-{x}" for a in s.proxy_arms for x in s.seeds]
+            out += [f"{name}@{a}-{x}" for a in s.plain_arms for x in s.seeds]
+        elif st.seed:
+            out += [f"{name}@{x}" for x in s.seeds]
+        else:
+            out.append(name)
+    return out
