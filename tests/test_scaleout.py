@@ -157,6 +157,46 @@ def test_cli_refuses_push_without_remote_before_anything_runs(tmp_path):
     assert "[dpa] error: no default DVC remote" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_push_killed_half_way_leaves_no_partial_object_and_resumes(tmp_path):
+    """DVC's local remote writes each object to a temporary name and renames it: `dvc push` killed
+    (SIGKILL) half-way leaves only complete objects under their ids; pushing again completes the
+    remote, and a fresh clone pulls verified data with a clean `dvc status`."""
+    repo = _git_repo(tmp_path / "r")
+    _dvc(["init", "-q"], repo)
+    _dvc(["remote", "add", "-d", "store", "../remote"], repo)
+    data = repo / "data"
+    data.mkdir()
+    rng = __import__("random").Random(0)
+    for i in range(400):
+        (data / f"{i:04d}.bin").write_bytes(rng.randbytes(64 * 1024))
+    _dvc(["add", "-q", "data"], repo)
+    _commit(repo)
+    remote = tmp_path / "remote"
+    total = 400 + 1  # the files and the directory object
+    for attempt in range(3):  # the push must be caught half-way; a fast disk may finish first
+        shutil.rmtree(remote, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "push", "-j", "1"], cwd=repo, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while proc.poll() is None and (not remote.exists() or len(_objects(remote)) < 20):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if len([p for p in _objects(remote) if not p.name.endswith(".tmp")]) < total:
+            break
+    else:
+        pytest.skip("dvc push finished before it could be killed, three times")
+    _assert_objects_verified(remote)
+    assert "new:" in _dvc(["status", "--cloud"], repo).stdout  # the remote is incomplete, and says so
+    _dvc(["push"], repo)
+    assert _dvc(["status", "--cloud"], repo).stdout.strip().endswith("are in sync.")
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _dvc(["pull"], clone)
+    assert "Data and pipelines are up to date" in _dvc(["status"], clone).stdout
+    assert _assert_objects_verified(clone / ".dvc" / "cache") == total
+    assert sorted(p.name for p in (clone / "data").iterdir()) == sorted(p.name for p in data.iterdir())
+
+
 # ---- slow: the smoke study, 2 workers against serial -------------------------------------------------
 
 ARMS = ("dpa", "vanilla")
@@ -239,6 +279,11 @@ def test_two_workers_run_the_arms_side_by_side(parallel, serial):
         assert max(s1, s2) < min(e1, e2), f"{stage}: dpa [{s1}, {e1}] and vanilla [{s2}, {e2}] do not overlap"
 
 
+def _scores(path: Path) -> dict:
+    """The scores, without the stopwatch readings (meta/<benchmark>/seconds, lik_seconds)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.endswith("seconds")}
+
+
 @pytest.mark.slow
 def test_two_workers_give_the_serial_results_tensor_equal(parallel, serial):
     import torch
@@ -254,7 +299,8 @@ def test_two_workers_give_the_serial_results_tensor_equal(parallel, serial):
             ta, tb = load_file(f), load_file(b / f.relative_to(a))
             assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{f.relative_to(a)} differs"
         for rel in (f"eval/{arm}-seed0/scores.json", f"metrics/evaluate-{arm}-seed0.json"):
-            assert json.loads((a / rel).read_text()) == json.loads((b / rel).read_text()), rel
+            sa, sb = (_scores(o / rel) for o in (a, b))
+            assert sa == sb and len(sa) > 5, rel
     assert (a / "compare/comparison.md").read_text() == (b / "compare/comparison.md").read_text()
 
 
@@ -285,7 +331,7 @@ def test_a_fresh_clone_pulls_the_finished_study(parallel, tmp_path):
     _dvc(["pull"], clone, cenv)
     assert "Data and pipelines are up to date" in _dvc(["status"], clone, cenv).stdout
     show = [_run([sys.executable, "-m", "pipelines.cli", "show"], r, subprocess_env(r)).stdout for r in (repo, clone)]
-    table = [s.split("\nMLflow")[0] for s in show]
+    table = [s.split("\nMLflow")[0].strip() for s in show]  # the clone has no MLflow store to link to
     assert "dpa − vanilla" in table[0] and table[0] == table[1]
     assert not (clone / "mlflow.db").exists()  # nothing trained or logged in the clone
 
