@@ -9,6 +9,7 @@
     dpa eval MODEL_DIR [--benchmark NAME|FILE|KIND:TASK ...]    the evaluate stage's benchmarks, outside DVC
     dpa bench cmo [...]                                         the CMO speed/memory benchmark
     dpa flow [...]                                              run the Prefect flow once (see README)
+    dpa workers [--workers 2] [--push end|stage|never] [...]    arms x seeds in parallel workspaces (docs/scaleout.md)
 
 A stage runs in this process, in the project's container (runtime.executor: docker), or under
 `accelerate launch` for the training stages (runtime.launcher: accelerate), chosen in params.yaml.
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     be = sub.add_parser("bench", help="benchmarks", add_help=False)
     be.add_argument("what", choices=["cmo"])
     fl = sub.add_parser("flow", help="run the Prefect flow once, in-process", add_help=False)
+    sub.add_parser("workers", help="the study with arms x seeds in parallel DVC workspaces", add_help=False)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.cmd == "stage":
@@ -396,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(rest) or 0
         if args.cmd == "flow":
             return run_flow(rest) or 0
+        if args.cmd == "workers":
+            from .workers import cli as workers_cli
+
+            return workers_cli(rest) or 0
     except DPAInputError as e:
         print(f"[dpa] error: {e}", file=sys.stderr, flush=True)
         return 2
