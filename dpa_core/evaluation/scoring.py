@@ -95,18 +95,13 @@ def summarize(name: str, kind: str, scored: list[ScoredItem]) -> dict:
         "n_correct": n_correct,
         "n_unparsed": sum(s.unparsed for s in scored),
     }
-    lik = [(s.category, s.lik_correct) for s in scored if s.lik_correct is not None]
-    if lik:
-        if len(lik) != n:
-            raise ValueError(f"likelihood scores for {len(lik)} of {n} items")
-        overall, by_category, n_correct = _accuracies(lik)
-        summary["likelihood"] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
-    cloze = [(s.category, s.cloze_correct) for s in scored if s.cloze_correct is not None]
-    if cloze:
-        if len(cloze) != n:
-            raise ValueError(f"cloze scores for {len(cloze)} of {n} items")
-        overall, by_category, n_correct = _accuracies(cloze)
-        summary["cloze"] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
+    for mode, field_name in (("likelihood", "lik_correct"), ("cloze", "cloze_correct")):
+        verdicts = [(s.category, getattr(s, field_name)) for s in scored if getattr(s, field_name) is not None]
+        if verdicts:
+            if len(verdicts) != n:
+                raise ValueError(f"{mode} scores for {len(verdicts)} of {n} items")
+            overall, by_category, n_correct = _accuracies(verdicts)
+            summary[mode] = {"overall": overall, "by_category": by_category, "n_correct": n_correct}
     return summary
 
 
