@@ -154,7 +154,8 @@ def test_kill_anywhere_then_dvc_repro_gives_the_uninterrupted_result(tmp_path):
     work = repo / "outputs/align/dpa-seed0.work"
     assert list(work.glob("checkpoint-*/dpa_checkpoint_complete.json")), "no complete checkpoint to be stale"
     text = params.read_text()
-    params.write_text(re.sub(r"(proxy:\n  lora: \{r: )16", r"\g<1>8", text, count=1))
+    # params.yaml is composed from conf/ (block style); a hand edit is what `dvc repro` then sees
+    params.write_text(re.sub(r"(proxy:\n  lora:\n    r: )16\n", r"\g<1>8\n", text, count=1))
     assert params.read_text() != text
     rerun = _dvc(repo, "repro", "align_proxy@dpa-0", log=log)
     assert "discarding the checkpoints in outputs/align/dpa-seed0.work" in rerun, rerun[-3000:]
