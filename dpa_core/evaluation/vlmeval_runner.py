@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import BenchmarkSkipped
 from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, meta_key, metric_part
-from .skips import BenchmarkSkipped
 from .vlmeval_import import VLMEvalUnavailable, import_vlmeval
 from .vlmeval_results import result_to_metrics
 
