@@ -31,8 +31,7 @@ from typing import Callable
 from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, flatten_summary, meta_key
 from ..errors import DPAInputError
-from .llava_generation import GenerationRequest, LlavaGenerator, TextChatModel
-from .prompts import cloze_prompt, item_prompt
+from .generation import GenerationRequest, LlavaGenerator, TextChatModel, cloze_prompt, item_prompt
 from .scoring import ScoredItem, score_benchmark, summarize
 from .tsv_benchmark import MCQ, TsvBenchmark, load_item_images, read_tsv_benchmark
 

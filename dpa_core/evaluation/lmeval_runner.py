@@ -28,9 +28,9 @@ import torch
 from ..errors import BenchmarkSkipped, DPAInputError
 from ..io import atomic_dir, write_json_atomic
 from .flat_metrics import check_flat, meta_key, metric_part
+from .generation import resolve_device
 from .lm_extraction import is_llava_dir, load_language_model
 from .lmeval_tasks import DEFAULT_PROMPT, write_mcq_task
-from .llava_generation import resolve_device
 
 _REPORTED = ("acc", "acc_norm")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
