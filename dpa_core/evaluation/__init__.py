@@ -9,7 +9,7 @@ from .answer_extraction import extract_option, match_short_answer
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv
 from .evaluate_all import evaluate_all, evaluate_text_oracles
 from .lm_extraction import extract_language_model
-from .lmeval_runner import evaluate_lmeval
+from .lmeval import evaluate_lmeval
 from .vlmeval_runner import evaluate_vlmeval
 
 __all__ = [

@@ -29,7 +29,7 @@ from .benchmark_specs import BenchmarkSpec, parse_specs
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv, has_scene_text
 from .flat_metrics import check_flat, meta_key
 from .generation import LlavaGenerator, TextChatModel, check_llava_dir
-from .lmeval_runner import evaluate_lmeval, load_causal_lm
+from .lmeval import evaluate_lmeval, load_causal_lm
 from .vlmeval_runner import evaluate_vlmeval
 
 log = logging.getLogger(__name__)
