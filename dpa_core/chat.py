@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import DPAInputError
-from .evaluation.llava_generation import check_llava_dir, default_dtype, resolve_device
+from .evaluation.generation import check_llava_dir, default_dtype, resolve_device
 
 LLAVA_15_FALLBACK = "llava-1.5 (USER: <image>\\n... ASSISTANT:)"
 

@@ -1,4 +1,5 @@
-"""One error type for bad input, with a message that names what, where and the fix."""
+"""The errors dpa_core raises on purpose: bad input, with a message that names what, where and the
+fix; and a benchmark that cannot run here."""
 
 from __future__ import annotations
 
@@ -22,3 +23,13 @@ class DPAInputError(ValueError):
 class DPAStorageError(DPAInputError):
     """The machine, not the input: disk full, a read-only or unwritable output directory. One line,
     naming the path; nothing partial is left behind (outputs are written atomically)."""
+
+
+class BenchmarkSkipped(RuntimeError):
+    """A benchmark that cannot run here (data not available offline, extra not installed) is skipped
+    with a reason, never scored: evaluate_all records the reason in report.json and writes no metric
+    for it."""
+
+    def __init__(self, benchmark: str, reason: str):
+        self.benchmark, self.reason = benchmark, reason
+        super().__init__(f"benchmark {benchmark!r} skipped: {reason}")

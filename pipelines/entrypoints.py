@@ -405,7 +405,7 @@ def evaluate_reference(p: Params) -> StageOutput:
     import shutil
     import torch
 
-    from dpa_core.evaluation.evaluate_all import evaluate_text_oracles, text_oracle_specs
+    from dpa_core.evaluation.evaluate import evaluate_text_oracles, text_oracle_specs
     from dpa_core.io import atomic_dir
     from dpa_core.modeling import build_llava, save_llava
 

@@ -12,7 +12,7 @@ import pytest
 from dpa_core.chat import LlavaChat, load_image
 from dpa_core.errors import DPAInputError
 from dpa_core.evaluation import evaluate_all
-from dpa_core.evaluation.tsv_writer import write_benchmark_tsv
+from dpa_core.evaluation.tsv_benchmark import write_benchmark_tsv
 from pipelines.cli import benchmark_specs, main
 from tests.test_evaluation_lmeval import write_facts
 from tests.test_evaluation_vlmeval import toy_rows

@@ -143,7 +143,7 @@ def test_the_closure_check_can_fail():
     closure = stage_code("proxy")
     assert ROOT / "dpa_core/chunked_ce.py" in closure and ROOT / "dpa_core/losses.py" in closure
     assert not _covered(ROOT / "dpa_core/chunked_ce.py", ["dpa_core/stages.py", "dpa_core/trainer.py"])
-    assert _covered(ROOT / "dpa_core/evaluation/tsv_writer.py", ["dpa_core/evaluation"])
+    assert _covered(ROOT / "dpa_core/evaluation/tsv_benchmark.py", ["dpa_core/evaluation"])
 
 
 # ---- one composed settings file that DVC reads ---------------------------------------------------

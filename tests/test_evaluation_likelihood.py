@@ -10,9 +10,8 @@ from PIL import Image
 
 from dpa_core.errors import DPAInputError
 from dpa_core.evaluation import evaluate_text_oracle, evaluate_tsv
-from dpa_core.evaluation.llava_generation import GenerationRequest, LlavaGenerator, TextChatModel
-from dpa_core.evaluation.prompts import mcq_prompt
-from dpa_core.evaluation.tsv_writer import write_benchmark_tsv
+from dpa_core.evaluation.generation import GenerationRequest, LlavaGenerator, TextChatModel, mcq_prompt
+from dpa_core.evaluation.tsv_benchmark import write_benchmark_tsv
 from tests.test_evaluation_vlmeval import toy_rows
 
 OPTIONS = {"A": "red", "B": "green", "C": "blue", "D": "yellow"}

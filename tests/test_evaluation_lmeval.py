@@ -12,7 +12,7 @@ import torch
 
 from dpa_core.errors import DPAInputError
 from dpa_core.evaluation import BenchmarkSkipped, evaluate_lmeval, extract_language_model
-from dpa_core.evaluation.lmeval_tasks import check_mcq_jsonl
+from dpa_core.evaluation.lmeval import check_mcq_jsonl
 from tests.tiny_models import CHATML, make_clip
 
 TOWNS = ["marn", "oskel", "tibra", "vell"]
@@ -118,7 +118,7 @@ def test_chat_prompt_and_sentence_choices(fact_llm_tokenizer_dir, tmp_path):
     the assistant header; choice_prefix/suffix make each choice a full answer sentence."""
     import yaml
 
-    from dpa_core.evaluation.lmeval_tasks import write_mcq_task
+    from dpa_core.evaluation.lmeval import write_mcq_task
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"id": "f0", "question": "where does bodak live?", "choices": ["marn", "vell"],
@@ -137,7 +137,7 @@ def test_llava_llm_is_evaluated_in_memory(tiny_llava_dir, tmp_path, monkeypatch)
     import lm_eval
     from transformers import PreTrainedModel
 
-    from dpa_core.evaluation.lmeval_runner import load_causal_lm
+    from dpa_core.evaluation.lmeval import load_causal_lm
 
     def no_save(*a, **k):
         raise AssertionError("a model was written to disk during evaluation")

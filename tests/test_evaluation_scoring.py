@@ -10,9 +10,9 @@ from PIL import Image
 
 from dpa_core.errors import DPAInputError
 from dpa_core.evaluation import evaluate_tsv
-from dpa_core.evaluation.prompts import MCQ_INSTRUCTION, SHORT_ANSWER_INSTRUCTION
-from dpa_core.evaluation.tsv_benchmark import MCQ, SHORT_ANSWER, load_item_images, read_tsv_benchmark
-from dpa_core.evaluation.tsv_writer import image_to_base64, write_benchmark_tsv
+from dpa_core.evaluation.generation import MCQ_INSTRUCTION, SHORT_ANSWER_INSTRUCTION
+from dpa_core.evaluation.tsv_benchmark import (MCQ, SHORT_ANSWER, image_to_base64, load_item_images, read_tsv_benchmark,
+                                                write_benchmark_tsv)
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 

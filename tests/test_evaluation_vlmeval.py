@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dpa_core.evaluation import BenchmarkSkipped, evaluate_tsv, evaluate_vlmeval, extract_option
-from dpa_core.evaluation.tsv_writer import write_benchmark_tsv
+from dpa_core.evaluation.tsv_benchmark import write_benchmark_tsv
 from dpa_core.evaluation.vlmeval_import import vlmeval_available
 from tests.test_evaluation_extraction import MCQ_CASES, OPTIONS
 

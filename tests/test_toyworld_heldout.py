@@ -11,7 +11,7 @@ import pytest
 
 from dpa_core.data import load_llava_records
 from dpa_core.evaluation.builtin_scorer import has_scene_text, text_oracle_requests
-from dpa_core.evaluation.prompts import item_prompt
+from dpa_core.evaluation.generation import item_prompt
 from dpa_core.evaluation.tsv_benchmark import read_tsv_benchmark
 from dpa_core.toyworld import language, resolve_size
 from dpa_core.toyworld.datasets import make_world_data, write_world_data

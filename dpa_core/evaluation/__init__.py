@@ -4,12 +4,12 @@ The pipeline's evaluate stage is one call, `evaluate_all`. VLMEvalKit is importe
 vlmeval benchmark runs, lm-eval only when an lmeval benchmark runs. See docs/evaluation.md.
 """
 
+from ..errors import BenchmarkSkipped
 from .answer_extraction import extract_option, match_short_answer
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv
-from .evaluate_all import evaluate_all, evaluate_text_oracles
+from .evaluate import evaluate_all, evaluate_text_oracles
 from .lm_extraction import extract_language_model
-from .lmeval_runner import evaluate_lmeval
-from .skips import BenchmarkSkipped
+from .lmeval import evaluate_lmeval
 from .vlmeval_runner import evaluate_vlmeval
 
 __all__ = [

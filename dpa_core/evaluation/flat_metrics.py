@@ -33,7 +33,7 @@ def category_key(benchmark: str, category: str) -> str:
 
 
 def flatten_summary(summary: dict) -> dict[str, float]:
-    """A built-in or VLMEvalKit summary (see scoring.summarize) as flat metrics."""
+    """A built-in or VLMEvalKit summary (see builtin_scorer.summarize) as flat metrics."""
     name = metric_part(summary["benchmark"])
     flat = {f"{name}/overall": float(summary["overall"])}
     for category, acc in summary.get("by_category", {}).items():

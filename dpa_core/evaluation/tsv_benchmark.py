@@ -1,4 +1,4 @@
-"""Read a benchmark in VLMEvalKit's TSV format into plain records.
+"""Read a benchmark in VLMEvalKit's TSV format into plain records, and write one from rows.
 
 The format (one row per question, tab-separated, header line):
   index     unique id
@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
+import csv
 import io
 import os
 import string
@@ -32,6 +33,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DPAInputError
+from ..io import write_text_atomic
 
 MCQ = "mcq"
 SHORT_ANSWER = "short_answer"
@@ -183,3 +185,29 @@ def load_item_images(item: BenchmarkItem, path: Path | None = None) -> list[Imag
         raise DPAInputError(
             f"cannot decode the image: {err}", file=path, record=item.index,
             fix="store a base64-encoded PNG/JPEG in 'image', or a readable file in 'image_path'.") from err
+
+
+# ---- Writing ------------------------------------------------------------------------------------
+
+def image_to_base64(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_benchmark_tsv(rows: list[dict], path: str | os.PathLike) -> Path:
+    """rows: dicts with index, question, answer, optional image (a PIL image or base64 string),
+    A..D (multiple choice), category, hint. Columns are the union of the rows' keys, in VLMEvalKit's order."""
+    order = ["index", "image", "question", "hint", *"ABCDEFGH", "answer", "category"]
+    keys = {k for r in rows for k in r}
+    columns = [c for c in order if c in keys] + sorted(keys - set(order))
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col, "")
+            cells.append(image_to_base64(value) if isinstance(value, Image.Image) else value)
+        writer.writerow(cells)
+    return write_text_atomic(path, buf.getvalue())

@@ -2,7 +2,7 @@
 
 Importing this module imports VLMEvalKit (see vlmeval_import). The adapter:
   * builds LLaVA's multiple-choice prompt itself (use_custom_prompt/build_prompt, the same text as
-    the built-in scorer's, from prompts.mcq_prompt) and leaves every other dataset type to the
+    the built-in scorer's, from generation.mcq_prompt) and leaves every other dataset type to the
     dataset's own prompt, as VLMEvalKit's LLaVA adapter does;
   * answers greedily with LlavaGenerator; `generate_batch` answers many messages at once (our runner
     uses it), `generate_inner` one (VLMEvalKit's own inference loop, `infer_data_job`, uses it).
@@ -15,8 +15,7 @@ import os
 import pandas as pd
 from PIL import Image
 
-from .llava_generation import GenerationRequest, LlavaGenerator
-from .prompts import mcq_prompt
+from .generation import GenerationRequest, LlavaGenerator, mcq_prompt
 from .vlmeval_import import import_vlmeval
 
 import_vlmeval()

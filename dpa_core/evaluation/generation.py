@@ -1,7 +1,11 @@
-"""Greedy, batched answer generation with a saved Llava checkpoint (CPU or GPU).
+"""Greedy, batched answer generation with a saved Llava checkpoint (CPU or GPU), and the question
+prompts it is asked.
 
 Batches are left-padded: a decoder continues from the last position of each row, so the prompts
 must end at the same column. Requests are sorted by prompt length first, so a batch pads little.
+
+The prompts are worded as LLaVA's evaluation (and VLMEvalKit's LLaVA adapter) words them, so that
+scores are comparable with published LLaVA-style numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import DPAInputError
+from .tsv_benchmark import BenchmarkItem
 
 
 @dataclass(frozen=True)
@@ -254,3 +259,33 @@ class TextChatModel(_ChatAnswerer):
             raise ValueError("TextChatModel answers text-only requests")
         texts = [self.chat_text(r.prompt) + r.reply for r in requests]
         return self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+
+
+# ---- The question prompts ----------------------------------------------------------------------
+
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+def mcq_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    text = f"{hint}\n{question}" if hint else question
+    for letter, option in options.items():
+        text += f"\n{letter}. {option}"
+    return f"{text}\n{MCQ_INSTRUCTION}"
+
+
+def short_answer_prompt(question: str, hint: str | None = None) -> str:
+    text = f"{hint}\n{question}" if hint else question
+    return f"{text}\n{SHORT_ANSWER_INSTRUCTION}"
+
+
+def cloze_prompt(item: BenchmarkItem) -> str:
+    """The cloze formulation: the plain question, no options and no instruction; each option is
+    then scored as the answer it would make (BenchmarkItem.cloze)."""
+    return f"{item.hint}\n{item.question}" if item.hint else item.question
+
+
+def item_prompt(item: BenchmarkItem) -> str:
+    if item.options:
+        return mcq_prompt(item.question, item.options, item.hint)
+    return short_answer_prompt(item.question, item.hint)

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DPAInputError
+from ..errors import BenchmarkSkipped, DPAInputError
 from ..io import atomic_dir, write_json_atomic
 from .benchmark_specs import BenchmarkSpec, parse_specs
 from .builtin_scorer import evaluate_text_oracle, evaluate_tsv, has_scene_text
 from .flat_metrics import check_flat, meta_key
-from .llava_generation import LlavaGenerator, TextChatModel, check_llava_dir
-from .lmeval_runner import evaluate_lmeval, load_causal_lm
-from .skips import BenchmarkSkipped
+from .generation import LlavaGenerator, TextChatModel, check_llava_dir
+from .lmeval import evaluate_lmeval, load_causal_lm
 from .vlmeval_runner import evaluate_vlmeval
 
 log = logging.getLogger(__name__)
