@@ -176,7 +176,8 @@ def test_sizes_and_overrides():
     assert resolve_size("default").image_size % resolve_size("default").clip_patch == 0
     for size, overrides in [("huge", None), ("smoke", {"no_such_field": 1}), ("smoke", {"llm_steps": 1.5}),
                             ("smoke", {"image_size": 30}), ("smoke", {"llm_steps": 0}),
-                            ("smoke", {"n_llm_florid_docs": -1})]:
+                            ("smoke", {"n_llm_florid_docs": -1}), ("smoke", {"llm_first_lessons_steps": 300}),
+                            ("smoke", {"llm_first_lessons_steps": -1})]:
         with pytest.raises(DPAInputError):
             resolve_size(size, overrides)
     with pytest.raises(DPAInputError):
@@ -247,3 +248,54 @@ def test_verbose_style_dial_keeps_content(tmp_path):
     assert n_style["plain"] == 0 < n_style["half"] < n_style["full"]
     with pytest.raises(DPAInputError):
         resolve_size("smoke", {"verbose_style": 1.5})
+
+
+def test_first_lessons_corpus_and_phase(tmp_path):
+    """The first-lessons corpus holds one-object scenes only; the LLM's
+    first llm_first_lessons_steps steps draw every window from it, the rest from the main corpus;
+    at 0 (the shipped models' value) the fingerprint is the one computed before the field existed."""
+    import dataclasses
+    import random
+
+    import torch
+
+    from dpa_core.toyworld import build as build_mod
+    from dpa_core.toyworld.corpus import first_lessons
+    from dpa_core.toyworld.datasets import make_world_data
+    from dpa_core.toyworld.llm import Corpus, make_llm, pretrain, tokenized_corpus
+    from dpa_core.toyworld.scenes import COLORS
+
+    ws = resolve_size("smoke", {"llm_steps": 4, "llm_first_lessons_steps": 2, "llm_batch": 2})
+    data = make_world_data(ws, 0)
+    bench = {s.key() for s in data.bench}
+    docs = first_lessons(ws, random.Random(0), bench)
+    assert docs and all(d.endswith("<|endoftext|>") for d in docs)
+    for d in docs:  # one object: exactly one colour word in each description
+        scene = d.split("<|im_start|>user\n")[1].split("\n")[0] if "<|im_start|>" in d else d
+        said = {c for c in COLORS if f" {c} " in f" {scene} "}
+        assert len(said) == 1, d
+
+    # which corpus each step's windows came from: the two corpora use disjoint token ids here
+    tok = build_mod.train_tokenizer(["a b c d e f g h"], 300, 512)
+    main = Corpus(torch.full((400,), 10), torch.arange(0, 400, 40), torch.ones(400, dtype=torch.bool))
+    lessons = Corpus(torch.full((400,), 11), torch.arange(0, 400, 40), torch.ones(400, dtype=torch.bool))
+    seen = []
+    model = make_llm(ws, tok)
+    forward = model.forward
+    model.forward = lambda input_ids, labels: (seen.append(int(input_ids[0, 0])), forward(input_ids=input_ids, labels=labels))[1]
+    stats = pretrain(model, main, ws, 0, first_lessons=lessons)
+    assert seen == [11, 11, 10, 10] and stats["first_lessons_tokens"] == 400
+    with pytest.raises(ValueError, match="first_lessons"):
+        pretrain(make_llm(ws, tok), main, ws, 0)
+
+    # the field at 0 leaves the fingerprint as it was; any other value changes it
+    plain = resolve_size("smoke")
+    legacy = {k: v for k, v in dataclasses.asdict(plain).items()
+              if k not in build_mod.DATA_ONLY_FIELDS and k != "llm_first_lessons_steps"}
+    import hashlib
+    want = hashlib.sha256(json.dumps({"seed": 0, "settings": legacy, "bench_keys": sorted(repr(k) for k in bench)},
+                                     sort_keys=True).encode()).hexdigest()
+    assert build_mod.base_fingerprint(plain, 0, data.bench) == want
+    lesson_ws = dataclasses.replace(plain, llm_first_lessons_steps=10)
+    assert build_mod.base_fingerprint(lesson_ws, 0, data.bench) != want
+    assert tokenized_corpus(tok, ["a b<|endoftext|>"]).loss_mask.all()

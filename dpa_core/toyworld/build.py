@@ -25,10 +25,10 @@ from dpa_core.io import atomic_dir, write_json_atomic
 from . import language
 from .base_checks import chat_sample, scene_text_mcq_accuracy, text_bench_accuracy
 from .clip import encode_texts, make_clip, make_processor, pixel_values, retrieval_accuracy, train_clip
-from .corpus import llm_corpus
+from .corpus import first_lessons, llm_corpus
 from .datasets import WorldData, image_name, make_world_data, rng_for, write_world_data
 from .draw import render
-from .llm import answer_loss_mask, make_llm, pretrain, save_llm, token_stream
+from .llm import make_llm, pretrain, save_llm, tokenized_corpus
 from .prior_gap import prior_gap
 from .sizes import WorldSize, resolve_size
 from .tokenizer import train_tokenizer
@@ -57,14 +57,20 @@ def _bytes_on_disk(root: Path) -> dict[str, int]:
 
 DATA_ONLY_FIELDS = frozenset({"min_instruct_turns", "max_instruct_turns", "ppl_texts", "verbose_style"})
 BASE_MANIFEST = "manifest.json"
+# Size fields added after base models were shipped, with the value that changes nothing.
+FIELDS_ADDED_LATER = {"llm_first_lessons_steps": 0}
 
 
 def base_fingerprint(ws: WorldSize, seed: int, bench: list) -> str:
     """What the base models depend on: the seed, every size field except the data-only ones, and
     the benchmark's content (which the LLM corpus and CLIP's training images exclude)."""
+    settings = {k: v for k, v in dataclasses.asdict(ws).items() if k not in DATA_ONLY_FIELDS}
+    for k, neutral in FIELDS_ADDED_LATER.items():  # at their neutral value, older builds keep their fingerprint
+        if settings.get(k) == neutral:
+            del settings[k]
     payload = {
         "seed": seed,
-        "settings": {k: v for k, v in dataclasses.asdict(ws).items() if k not in DATA_ONLY_FIELDS},
+        "settings": settings,
         "bench_keys": sorted(repr(s.key()) for s in bench),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -83,13 +89,15 @@ def build_world(out_dir: str | os.PathLike, size: str = "default", seed: int = 0
 
 
 def build_base_models(out_dir: str | os.PathLike, size: str = "default", seed: int = 0,
-                      overrides: Mapping[str, Any] | None = None) -> dict:
+                      overrides: Mapping[str, Any] | None = None, on_llm_step=None) -> dict:
     """Train the world's tokenizer, base LLM and vision tower into out_dir/{llm,clip} with a
-    manifest; build_world(base_models=out_dir) then reuses them (like downloaded weights)."""
+    manifest; build_world(base_models=out_dir) then reuses them (like downloaded weights).
+    on_llm_step(step, model) is called after each LLM training step: a probe of the learning
+    curve, which must leave the model in train mode."""
     ws = _check_seed(size, seed, overrides)
     with _one_thread(), atomic_dir(out_dir) as root:
         data = make_world_data(ws, seed)
-        stats = _train_models(root, ws, seed, data)
+        stats = _train_models(root, ws, seed, data, on_llm_step)
         manifest = {
             "seed": seed,
             "size": size if isinstance(size, str) else "custom",
@@ -143,7 +151,7 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData) -> dict:
+def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData, on_llm_step=None) -> dict:
     """Tokenizer + LLM into root/llm, CLIP into root/clip; returns their statistics and timings."""
     timings: dict[str, float] = {}
     lap = _stopwatch(timings)
@@ -158,8 +166,11 @@ def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData) -> dict
 
         torch.manual_seed(seed)
         llm = make_llm(ws, tok)
-        stream, doc_starts = token_stream(tok, corpus)
-        llm_stats = pretrain(llm, stream, doc_starts, answer_loss_mask(tok, stream), ws, seed)
+        lessons = None
+        if ws.llm_first_lessons_steps:
+            exclude = {s.key() for s in data.bench}
+            lessons = tokenized_corpus(tok, first_lessons(ws, rng_for(seed, "llm-first-lessons"), exclude))
+        llm_stats = pretrain(llm, tokenized_corpus(tok, corpus), ws, seed, first_lessons=lessons, on_step=on_llm_step)
         save_llm(llm, tok, root / "llm")
         lap("llm")
 

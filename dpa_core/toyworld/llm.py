@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -73,17 +74,48 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: Qwen2ForCausalLM, stream: torch.Tensor, doc_starts: torch.Tensor, loss_mask: torch.Tensor,
-             ws: WorldSize, seed: int) -> dict:
+class Corpus(NamedTuple):
+    """A tokenized corpus: its documents end to end, where each starts, which tokens carry loss."""
+
+    stream: torch.Tensor
+    doc_starts: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+def tokenized_corpus(tok: PreTrainedTokenizerFast, docs: list[str]) -> Corpus:
+    stream, starts = token_stream(tok, docs)
+    return Corpus(stream, starts, answer_loss_mask(tok, stream))
+
+
+class _Windows:
+    """Random training windows of a corpus, each beginning at a document start (then running on
+    into the next documents): a window cut into a chat would show answers without the scene they
+    are about, and teach the model that the context does not matter."""
+
+    def __init__(self, corpus: Corpus, block: int):
+        self.block = min(block, len(corpus.stream))
+        self.stream = corpus.stream
+        self.labels = corpus.stream.masked_fill(~corpus.loss_mask, -100)
+        self.starts = corpus.doc_starts[corpus.doc_starts <= len(corpus.stream) - self.block]
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts[torch.randint(0, len(self.starts), (size,), generator=gen)].tolist()
+        return (torch.stack([self.stream[s : s + self.block] for s in starts]),
+                torch.stack([self.labels[s : s + self.block] for s in starts]))
+
+
+def pretrain(model: Qwen2ForCausalLM, corpus: Corpus, ws: WorldSize, seed: int,
+             first_lessons: Corpus | None = None, on_step: Callable[[int, Qwen2ForCausalLM], None] | None = None) -> dict:
     """Train in place; returns loss statistics for the manifest.
 
-    Every training window begins at a document start (then runs on into the next documents):
-    a window cut into a chat would show answers without the scene they are about, and teach the
-    model that the context does not matter."""
+    The first ws.llm_first_lessons_steps steps draw their windows from first_lessons (required
+    then), the rest from corpus; one learning-rate schedule spans all ws.llm_steps. on_step(step,
+    model) is called after each step (a probe may read the model; it must leave it in train mode)."""
     gen = torch.Generator().manual_seed(seed)
-    block = min(ws.llm_block, len(stream))
-    doc_starts = doc_starts[doc_starts <= len(stream) - block]
-    labels = stream.masked_fill(~loss_mask, -100)
+    main = _Windows(corpus, ws.llm_block)
+    if ws.llm_first_lessons_steps and first_lessons is None:
+        raise ValueError("llm_first_lessons_steps > 0 needs the first_lessons corpus")
+    lessons = _Windows(first_lessons, ws.llm_block) if ws.llm_first_lessons_steps else None
     # No weight decay on embeddings, norms and biases (as nanoGPT): decay would wear down the
     # embeddings of rare tokens, such as the names the facts are about.
     matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -95,19 +127,23 @@ def pretrain(model: Qwen2ForCausalLM, stream: torch.Tensor, doc_starts: torch.Te
     for step in range(ws.llm_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ws.llm_steps, ws.llm_lr)
-        starts = doc_starts[torch.randint(0, len(doc_starts), (ws.llm_batch,), generator=gen)]
-        batch = torch.stack([stream[s : s + block] for s in starts.tolist()])
-        target = torch.stack([labels[s : s + block] for s in starts.tolist()])
+        windows = lessons if step < ws.llm_first_lessons_steps else main
+        batch, target = windows.batch(ws.llm_batch, gen)
         loss = model(input_ids=batch, labels=target).loss  # the model shifts labels by one
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, model)
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
-    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "tokens_in_corpus": len(stream),
-            "loss_bearing_share": round(loss_mask.float().mean().item(), 4)}
+    stats = {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "tokens_in_corpus": len(corpus.stream),
+             "loss_bearing_share": round(corpus.loss_mask.float().mean().item(), 4)}
+    if lessons is not None:
+        stats["first_lessons_tokens"] = len(first_lessons.stream)
+    return stats
 
 
 def save_llm(model: Qwen2ForCausalLM, tok: PreTrainedTokenizerFast, out_dir) -> None:

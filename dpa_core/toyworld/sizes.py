@@ -46,6 +46,10 @@ class WorldSize:
     llm_batch: int
     llm_steps: int
     llm_lr: float
+    # The first llm_first_lessons_steps of the llm_steps draw their windows from one-object scene
+    # descriptions and chats (corpus.first_lessons), where copying a word out of the context is the
+    # only way to predict an answer; 0: no such phase (the shipped default-seed0 models).
+    llm_first_lessons_steps: int
     # vision tower (CLIPModel, trained contrastively)
     clip_patch: int
     clip_hidden: int
@@ -69,7 +73,7 @@ SIZES: dict[str, WorldSize] = {
         n_entities=8, n_llm_scene_docs=1200, n_llm_chat_docs=1200, n_llm_fact_docs=800, n_llm_florid_docs=0,
         verbose_style=1.0, vocab_size=768,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
-        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3,
+        llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3, llm_first_lessons_steps=0,
         clip_patch=8, clip_hidden=64, clip_layers=2, clip_heads=2, clip_intermediate=128,
         clip_projection=32, clip_text_max_len=48, clip_batch=64, clip_steps=100, clip_lr=1e-3,
         ppl_texts=48,
@@ -85,7 +89,7 @@ SIZES: dict[str, WorldSize] = {
         n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000, n_llm_florid_docs=0,
         verbose_style=1.0, vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
-        llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=3000, llm_lr=3e-3,
+        llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=3000, llm_lr=3e-3, llm_first_lessons_steps=0,
         clip_patch=20, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
         clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=400, clip_lr=1e-3,
         ppl_texts=200,
@@ -123,6 +127,8 @@ def _check(ws: WorldSize) -> None:
     for f in dataclasses.fields(ws):
         if f.name == "n_llm_florid_docs":
             need(ws.n_llm_florid_docs >= 0, "n_llm_florid_docs must not be negative")
+        elif f.name == "llm_first_lessons_steps":
+            need(0 <= ws.llm_first_lessons_steps < ws.llm_steps, "llm_first_lessons_steps must be in 0..llm_steps-1")
         elif f.name == "verbose_style":
             need(0.0 <= ws.verbose_style <= 1.0, "verbose_style must be in 0..1")
         else:
