@@ -22,3 +22,12 @@ class DPAInputError(ValueError):
 class DPAStorageError(DPAInputError):
     """The machine, not the input: disk full, a read-only or unwritable output directory. One line,
     naming the path; nothing partial is left behind (outputs are written atomically)."""
+
+
+class SettingError(DPAInputError):
+    """A setting out of range. `key` is the field of the settings object (None: its fields together), so
+    that a settings file can name the full key path (pipelines/params.py prefixes where it sits)."""
+
+    def __init__(self, key: str | None, problem: str, *, fix: str):
+        self.key, self.detail = key, problem
+        super().__init__(f"{key} {problem}" if key else problem, fix=fix)
