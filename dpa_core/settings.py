@@ -9,6 +9,7 @@ every construction, direct or through pydantic, raising SettingError with the fi
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -170,3 +171,38 @@ class MixSource:
         require_positive(self.weight, "weight", allow_zero=True)
         if self.count is not None:
             require_positive(self.count, "count")
+
+
+BenchmarkKind = Literal["builtin_tsv", "vlmeval", "lmeval"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """One benchmark of the evaluate stage (see dpa_core/evaluation/benchmark_specs.py for its use)."""
+
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    name: str
+    kind: BenchmarkKind
+    path: Optional[str] = None  # local data file (builtin_tsv, lmeval toy task)
+    task: Optional[str] = None  # dataset/task name for vlmeval and lm-eval
+    limit: Optional[int] = None  # per-benchmark overrides of the evaluate.* defaults
+    batch_size: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
+    num_fewshot: Optional[int] = None  # lmeval
+    allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
+    optional: bool = False  # data or extra missing here: skip it (compare averages what every arm has) instead of failing
+
+    def __post_init__(self) -> None:
+        kinds = list(typing.get_args(BenchmarkKind))
+        if self.kind not in kinds:  # a direct construction (pydantic checks it first when reading a file)
+            raise SettingError("kind", f"= {self.kind!r} is not one of {kinds}.", fix=f"use one of {kinds}.")
+        if self.kind == "builtin_tsv" and not self.path:
+            raise SettingError(None, "a builtin_tsv benchmark needs 'path' (the TSV).", fix="add path: <file>.tsv.")
+        if self.kind == "vlmeval" and not self.task:
+            raise SettingError(None, "a vlmeval benchmark needs 'task' (VLMEvalKit's dataset name, e.g. "
+                               "MMBench_DEV_EN).", fix="add task: <dataset name>; its TSV must be in LMUData.")
+        if self.kind == "lmeval" and bool(self.path) == bool(self.task):
+            raise SettingError(None, "an lmeval benchmark needs exactly one of 'path' (local jsonl) and 'task' "
+                               "(lm-eval name).", fix="set path: <facts.jsonl> or task: <lm-eval task>.")

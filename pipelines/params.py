@@ -21,7 +21,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dpa_core.errors import DPAInputError, SettingError
-from dpa_core.settings import (FINETUNE_LORA, FORBID_UNKNOWN_KEYS, CaptionSet, DataSource, LoraSettings, LossConfig,
+from dpa_core.settings import (FINETUNE_LORA, FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource, LoraSettings, LossConfig,
                                MixSource, ModelPaths, TrainSettings, require_positive)
 
 CONF_DIR = Path("conf")  # Hydra config dir (DVC's default): config.yaml + profile/<name>.yaml
@@ -183,27 +183,10 @@ class Finetune:
 
 
 @dataclass
-class Benchmark:
-    __pydantic_config__ = FORBID_UNKNOWN_KEYS
-
-    name: str = ""
-    kind: Literal["builtin_tsv", "vlmeval", "lmeval"] = "builtin_tsv"
-    path: Optional[str] = None  # local data file (builtin_tsv, lmeval toy task)
-    task: Optional[str] = None  # dataset/task name for vlmeval and lm-eval
-    limit: Optional[int] = None  # per-benchmark overrides of the evaluate.* defaults
-    batch_size: Optional[int] = None
-    max_new_tokens: Optional[int] = None
-    prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
-    num_fewshot: Optional[int] = None  # lmeval
-    allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
-    optional: bool = False  # data or extra missing here: skip it (compare averages what every arm has) instead of failing
-
-
-@dataclass
 class Evaluate:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    benchmarks: list[Benchmark] = field(default_factory=list)
+    benchmarks: list[BenchmarkSettings] = field(default_factory=list)
     batch_size: int = 16
     max_new_tokens: int = 8
     limit: Optional[int] = None
