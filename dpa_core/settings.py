@@ -192,7 +192,8 @@ class BenchmarkSettings:
     prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
     num_fewshot: Optional[int] = None  # lmeval
     allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
-    optional: bool = False  # data or extra missing here: skip it (compare averages what every arm has) instead of failing
+    # data or extra missing here: skip it (compare averages what every arm has) instead of failing
+    optional: bool = False
 
     def __post_init__(self) -> None:
         kinds = list(typing.get_args(BenchmarkKind))

@@ -23,7 +23,7 @@ from .params import Params
 from .tracking import MlflowStepLogger, StageRun, Tracker, tracking_uri
 
 if TYPE_CHECKING:
-    from dpa_core.settings import ModelPaths
+    from dpa_core.settings import ModelPaths, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,12 @@ def preflight(p: Params):
                  text_lengths={"proxy.max_length": p.proxy.max_length})
 
 
+def _section_as_run(section, settings: TrainSettings) -> dict:
+    """A training section for MLflow, with the training settings the run used (its seed and, for
+    finetune, the connector rate) in place of the section's."""
+    return {**asdict(section), "train": asdict(settings)}
+
+
 def _log_timings(p: Params, run: StageRun, timings: dict, stage: str, arm: str | None = None,
                  seed: int | None = None) -> None:
     if timings:
@@ -211,10 +217,10 @@ def proxy(p: Params, seed: int) -> StageOutput:
     out = layout(p).proxy(seed)
     corpus = _require(layout(p).mix() / "text_corpus.jsonl", "mix")
     settings = p.train_settings("proxy", seed)
-    with tracked(p, "proxy", None, seed, {"proxy": {**asdict(p.proxy), "train": asdict(settings)}, "seed": seed}) as run:
+    with tracked(p, "proxy", None, seed, {"proxy": _section_as_run(p.proxy, settings), "seed": seed}) as run:
         res = proxy_pretrain(p.model.llm, corpus, out, lora=p.proxy.lora, settings=settings,
-                             max_length=p.proxy.max_length,
-                             sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
+                             max_length=p.proxy.max_length, sequence_end=p.proxy.sequence_end,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         _log_timings(p, run, res.timings, "proxy", None, seed)
         run.artifact(out)
@@ -260,7 +266,7 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
     out = layout(p).align(arm, seed)
     lc = p.loss_config(arm, "align")
     settings = p.train_settings("align", seed)
-    with tracked(p, "align", arm, seed, {"align": {**asdict(p.align), "train": asdict(settings)}, "loss": asdict(lc),
+    with tracked(p, "align", arm, seed, {"align": _section_as_run(p.align, settings), "loss": asdict(lc),
                                          "proxy": use_proxy}) as run:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
                           loss=lc, settings=settings,
@@ -310,7 +316,7 @@ def finetune(p: Params, arm: str, seed: int) -> StageOutput:
     connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
     lc = p.loss_config(arm, "finetune")
     settings = p.train_settings("finetune", seed)
-    with tracked(p, "finetune", arm, seed, {"finetune": {**asdict(p.finetune), "train": asdict(settings)},
+    with tracked(p, "finetune", arm, seed, {"finetune": _section_as_run(p.finetune, settings),
                                             "loss": asdict(lc)}) as run:
         res = finetune_stage(model_paths(p), connector, p.data.instructions, out, loss=lc, settings=settings,
                              tune=p.finetune.tune, lora=p.finetune.lora,

@@ -21,8 +21,8 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dpa_core.errors import DPAInputError, SettingError
-from dpa_core.settings import (FINETUNE_LORA, FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource, LoraSettings, LossConfig,
-                               MixSource, ModelPaths, TrainSettings, require_positive)
+from dpa_core.settings import (FINETUNE_LORA, FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource,
+                               LoraSettings, LossConfig, MixSource, ModelPaths, TrainSettings, require_positive)
 
 CONF_DIR = Path("conf")  # Hydra config dir (DVC's default): config.yaml + profile/<name>.yaml
 
@@ -76,8 +76,8 @@ class Data:
                 for attr in ("path", "image_root"):
                     value = getattr(s, attr)
                     if value is not None and _outside(value, root):
-                        raise SettingError(f"{what}[{i}].{attr}", f"= {str(value)!r} is outside data.root ({self.root}); "
-                                           "DVC would not see changes to it.",
+                        raise SettingError(f"{what}[{i}].{attr}", f"= {str(value)!r} is outside data.root "
+                                           f"({self.root}); DVC would not see changes to it.",
                                            fix="move or symlink the data under data.root, or set data.root to a "
                                            "common parent.")
 
@@ -319,12 +319,10 @@ class Params:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-# Fields of dpa_core's settings that a run sets, not params.yaml: (section keys, field) -> where it comes from
-SET_PER_RUN = {("proxy", "train", "seed"): "study.seeds", ("align", "train", "seed"): "study.seeds",
-               ("finetune", "train", "seed"): "study.seeds",
-               ("proxy", "train", "connector_learning_rate"): "finetune.connector_learning_rate",
-               ("align", "train", "connector_learning_rate"): "finetune.connector_learning_rate",
-               ("finetune", "train", "connector_learning_rate"): "finetune.connector_learning_rate",
+# Fields of dpa_core's settings that each run sets, not params.yaml: (key path) -> where the value comes from
+SET_PER_RUN = {**{(stage, "train", "seed"): "study.seeds" for stage in ("proxy", "align", "finetune")},
+               **{(stage, "train", "connector_learning_rate"): "finetune.connector_learning_rate"
+                  for stage in ("proxy", "align", "finetune")},
                ("loss", "kind"): "each arm's `loss` (arms.<name>.loss)"}
 
 TYPE_ERRORS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "list", "dict": "mapping",
@@ -382,7 +380,8 @@ def _params_error(cls, err: dict) -> ParamsError:
         return ParamsError(f"unknown key {key!r}.{_nearest(loc[-1], names)}", file="params.yaml",
                            fix=f"valid keys here: {', '.join(names)}.")
     if kind == "missing" or kind == "missing_argument":
-        return ParamsError(f"{key} is missing.", file="params.yaml", fix=f"set {key} (conf/config.yaml sets every key).")
+        return ParamsError(f"{key} is missing.", file="params.yaml",
+                           fix=f"set {key} (conf/config.yaml sets every key).")
     if kind == "literal_error":
         allowed = list(typing.get_args(_type_at(cls, loc)))
         return ParamsError(f"{key} = {value!r} is not one of {allowed}.{_nearest(value, allowed)}",
@@ -437,6 +436,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
 
 # ---- loading ------------------------------------------------------------------------------------
 
