@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,7 +21,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from dpa_core.errors import DPAInputError, SettingError
-from dpa_core.settings import (FINETUNE_LORA, FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource,
+from dpa_core.settings import (FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource,
                                LoraSettings, LossConfig, MixSource, ModelPaths, TrainSettings, require_positive)
 
 CONF_DIR = Path("conf")  # Hydra config dir (DVC's default): config.yaml + profile/<name>.yaml
@@ -32,8 +32,10 @@ class ParamsError(DPAInputError):
 
 
 # ---- schema -----------------------------------------------------------------------------------
-# Sections that only the pipeline has. Value checks raise SettingError from __post_init__ (pydantic
-# runs it and reports where the section sits).
+# Sections that only the pipeline has. Their fields have no defaults: conf/config.yaml sets every one
+# (a default here would be a second one, and would differ from the stage functions'); dpa_core's
+# settings inside them keep theirs. Value checks raise SettingError from __post_init__ (pydantic runs
+# it and reports where the section sits).
 
 def _outside(path, root: Path) -> bool:
     return not Path(path).resolve().is_relative_to(root)
@@ -43,11 +45,11 @@ def _outside(path, root: Path) -> bool:
 class World:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    size: Literal["smoke", "default"] = "default"
-    seed: int = 0
-    out: str = "data/toyworld"
-    base_models: Optional[str] = None
-    verbose_style: float = 1.0
+    size: Literal["smoke", "default"]
+    seed: int
+    out: str
+    base_models: Optional[str]
+    verbose_style: float
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verbose_style <= 1.0:
@@ -59,9 +61,9 @@ class World:
 class Data:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    root: str = "data"
-    captions: list[MixSource] = field(default_factory=list)
-    instructions: list[DataSource] = field(default_factory=list)
+    root: str
+    captions: list[MixSource]
+    instructions: list[DataSource]
 
     def __post_init__(self) -> None:
         root = Path(self.root).resolve()
@@ -86,9 +88,9 @@ class Data:
 class Mix:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    seed: int = 0
-    total: Optional[int] = None
-    dedup: bool = True
+    seed: int
+    total: Optional[int]
+    dedup: bool
 
     def __post_init__(self) -> None:
         if self.total is not None:
@@ -99,17 +101,17 @@ class Mix:
 class Arm:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    proxy: bool = False
-    loss: Literal["vanilla", "cmo", "cal"] = "vanilla"
+    proxy: bool
+    loss: Literal["vanilla", "cmo", "cal"]
 
 
 @dataclass
 class Study:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    proxy_arms: list[str] = field(default_factory=list)
-    plain_arms: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    proxy_arms: list[str]
+    plain_arms: list[str]
+    seeds: list[int]
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -143,10 +145,10 @@ class Loss(LossConfig):
 class Proxy:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    max_length: int = 128
-    sequence_end: Literal["eos", "newline"] = "eos"
-    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings
+    max_length: int
+    sequence_end: Literal["eos", "newline"]
+    train: TrainSettings
 
     def __post_init__(self) -> None:
         if self.train.group_by_modality_length:
@@ -158,24 +160,24 @@ class Proxy:
 class Align:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    max_length: int = 256
-    image_aspect_ratio: Literal["crop", "pad"] = "crop"
-    sequence_end: Literal["eos", "newline"] = "eos"
-    train: TrainSettings = field(default_factory=TrainSettings)
+    max_length: int
+    image_aspect_ratio: Literal["crop", "pad"]
+    sequence_end: Literal["eos", "newline"]
+    train: TrainSettings
 
 
 @dataclass
 class Finetune:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    tune: Literal["lora", "full"] = "lora"
-    lora: LoraSettings = FINETUNE_LORA
-    max_length: int = 256
-    image_aspect_ratio: Literal["crop", "pad"] = "crop"
-    image_first: bool = False
-    system_prompt: Optional[str] = None
-    connector_learning_rate: Optional[float] = None
-    train: TrainSettings = field(default_factory=TrainSettings)
+    tune: Literal["lora", "full"]
+    lora: LoraSettings
+    max_length: int
+    image_aspect_ratio: Literal["crop", "pad"]
+    image_first: bool
+    system_prompt: Optional[str]
+    connector_learning_rate: Optional[float]
+    train: TrainSettings
 
     def __post_init__(self) -> None:
         if self.connector_learning_rate is not None:
@@ -186,23 +188,23 @@ class Finetune:
 class Evaluate:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    benchmarks: list[BenchmarkSettings] = field(default_factory=list)
-    batch_size: int = 16
-    max_new_tokens: int = 8
-    limit: Optional[int] = None
-    reference_row: bool = True
-    lmu_data: Optional[str] = None
+    benchmarks: list[BenchmarkSettings]
+    batch_size: int
+    max_new_tokens: int
+    limit: Optional[int]
+    reference_row: bool
+    lmu_data: Optional[str]
 
 
 @dataclass
 class Reliance:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    captions: list[CaptionSet] = field(default_factory=list)  # held-out caption sets (LLaVA format)
-    content_words: Optional[str] = None  # JSON list of content words; None: the all-token mean only
-    limit: Optional[int] = None
-    batch_size: int = 16
-    max_length: int = 256
+    captions: list[CaptionSet]  # held-out caption sets (LLaVA format)
+    content_words: Optional[str]  # JSON list of content words; None: the all-token mean only
+    limit: Optional[int]
+    batch_size: int
+    max_length: int
 
     def __post_init__(self) -> None:
         require_positive(self.batch_size, "batch_size")
@@ -219,43 +221,43 @@ class Reliance:
 class Tracking:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    experiment: str = "dpa-study"
-    uri: str = "sqlite:///mlflow.db"
-    log_checkpoints: bool = True
+    experiment: str
+    uri: str
+    log_checkpoints: bool
 
 
 @dataclass
 class Runtime:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    outputs: str = "outputs"
-    executor: Literal["local", "docker"] = "local"
-    image: str = "dpa:cpu"
-    gpus: Optional[str] = None
-    launcher: Literal["python", "accelerate"] = "python"
-    accelerate_config: str = "configs/accelerate/ddp.yaml"
-    num_processes: int = 1
+    outputs: str
+    executor: Literal["local", "docker"]
+    image: str
+    gpus: Optional[str]
+    launcher: Literal["python", "accelerate"]
+    accelerate_config: str
+    num_processes: int
 
 
 @dataclass
 class Params:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    model: ModelPaths  # no default: model.vision and model.llm have none
-    profile: str = "toy"
-    world: World = field(default_factory=World)
-    data: Data = field(default_factory=Data)
-    mix: Mix = field(default_factory=Mix)
-    arms: dict[str, Arm] = field(default_factory=dict)
-    study: Study = field(default_factory=Study)
-    loss: Loss = field(default_factory=Loss)
-    proxy: Proxy = field(default_factory=Proxy)
-    align: Align = field(default_factory=Align)
-    finetune: Finetune = field(default_factory=Finetune)
-    evaluate: Evaluate = field(default_factory=Evaluate)
-    reliance: Reliance = field(default_factory=Reliance)
-    tracking: Tracking = field(default_factory=Tracking)
-    runtime: Runtime = field(default_factory=Runtime)
+    profile: str
+    world: World
+    model: ModelPaths
+    data: Data
+    mix: Mix
+    arms: dict[str, Arm]
+    study: Study
+    loss: Loss
+    proxy: Proxy
+    align: Align
+    finetune: Finetune
+    evaluate: Evaluate
+    reliance: Reliance
+    tracking: Tracking
+    runtime: Runtime
 
     def check(self) -> None:
         """What spans sections (after pydantic built and checked each one)."""
@@ -366,6 +368,11 @@ def _type_at(cls, loc):
     return tp
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _params_error(cls, err: dict) -> ParamsError:
     """pydantic's first error as a ParamsError naming the key path, with the fix."""
     loc, kind, value = err["loc"], err["type"], err.get("input")
@@ -379,7 +386,11 @@ def _params_error(cls, err: dict) -> ParamsError:
         names = [f.name for f in dataclasses.fields(_type_at(cls, loc[:-1]))]
         return ParamsError(f"unknown key {key!r}.{_nearest(loc[-1], names)}", file="params.yaml",
                            fix=f"valid keys here: {', '.join(names)}.")
-    if kind == "missing" or kind == "missing_argument":
+    if kind in ("missing", "missing_argument") and key == "profile":
+        return ParamsError("profile is missing.", file="params.yaml",
+                           fix="each conf/profile/<name>.yaml sets `profile: <name>` (its MLflow tag, and what "
+                           "`dpa validate` composes to compare).")
+    if kind in ("missing", "missing_argument"):
         return ParamsError(f"{key} is missing.", file="params.yaml",
                            fix=f"set {key} (conf/config.yaml sets every key).")
     if kind == "literal_error":
@@ -393,9 +404,9 @@ def _params_error(cls, err: dict) -> ParamsError:
         return ParamsError(f"{key or 'params'} must be a {want} (got {type(value).__name__}).", file="params.yaml",
                            fix=f"write {key or 'params'} as a YAML {want} (check the indentation).")
     if want:
-        return ParamsError(f"{key} must be of type {want} (got {value!r}).", file="params.yaml",
+        return ParamsError(f"{key} must be of type {want} (got {_short(value)}).", file="params.yaml",
                            fix=f"set {key} to a {want}.")
-    return ParamsError(f"{key or 'params'}: {err['msg']} (got {value!r}).", file="params.yaml",
+    return ParamsError(f"{key or 'params'}: {err['msg']} (got {_short(value)}).", file="params.yaml",
                        fix="see conf/config.yaml for the expected form.")
 
 
@@ -420,7 +431,9 @@ def build(cls, data: Any):
     try:
         obj = _adapter(cls).validate_python(data)
     except ValidationError as e:
-        raise _params_error(cls, e.errors()[0]) from None
+        errors = e.errors()  # an unknown key first: a misspelt key is also a missing one
+        first = next((err for err in errors if err["type"] == "unexpected_keyword_argument"), errors[0])
+        raise _params_error(cls, first) from None
     if hasattr(obj, "check"):
         obj.check()
     return obj

@@ -129,9 +129,19 @@ def test_floats_as_users_write_them_in_params_yaml(tmp_path, written, value):
 def test_floats_in_a_profile(tmp_path):
     shutil.copytree(CONF, tmp_path / "conf")
     (tmp_path / "conf/profile/mine.yaml").write_text(
-        "# @package _global_\nproxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n    learning_rate: 5E-4\n")
+        "# @package _global_\nprofile: mine\nproxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n"
+        "    learning_rate: 5E-4\n")
     p = load_params(tmp_path / "params.yaml", {"profile": "mine"})
     assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (4e-5, 5e-4)
+    assert p.profile == "mine"
+
+
+def test_a_profile_names_itself(tmp_path):
+    """A profile without `profile: <name>` is refused (it used to run tagged as the toy profile)."""
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "conf/profile/mine.yaml").write_text("# @package _global_\nmix: {total: 40}\n")
+    with pytest.raises(ParamsError, match=r"profile is missing\. Fix: each conf/profile/<name>\.yaml sets"):
+        load_params(tmp_path / "params.yaml", {"profile": "mine"})
 
 
 @pytest.mark.parametrize("text, value", [
