@@ -52,6 +52,10 @@ def test_paper_profiles_carry_the_paper_settings():
     ({"proxy.lora.dropout": 1.0}, "proxy.lora.dropout must be in [0, 1)"),
     ({"loss.window": 2}, "loss.window must be an odd number"),
     ({"mix.dedup": "maybe"}, "mix.dedup must be true or false"),
+    ({"mix.dedup": "yes"}, "mix.dedup must be true or false (got 'yes')"),
+    ({"proxy.lora.r": True}, "proxy.lora.r must be of type int (got True)"),
+    ({"proxy.lora.r": "64"}, "proxy.lora.r must be of type int (got '64')"),
+    ({"model.llm": 3}, "model.llm must be of type str (got 3)"),
     ({"proxy.train.seed": 3}, "proxy.train.seed is not a setting of params.yaml: each run takes it from study.seeds"),
     ({"loss.kind": "cmo"}, "loss.kind is not a setting of params.yaml"),
 ])
