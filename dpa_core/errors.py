@@ -33,3 +33,12 @@ class BenchmarkSkipped(RuntimeError):
     def __init__(self, benchmark: str, reason: str):
         self.benchmark, self.reason = benchmark, reason
         super().__init__(f"benchmark {benchmark!r} skipped: {reason}")
+
+
+class SettingError(DPAInputError):
+    """A setting out of range. `key` is the field of the settings object (None: its fields together), so
+    that a settings file can name the full key path (pipelines/params.py prefixes where it sits)."""
+
+    def __init__(self, key: str | None, problem: str, *, fix: str):
+        self.key, self.detail = key, problem
+        super().__init__(f"{key} {problem}" if key else problem, fix=fix)

@@ -19,45 +19,15 @@ weights. Without padding this is exactly the reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from .chunked_ce import scan_label_scores
+from .settings import LossConfig, Smoothing  # noqa: F401  (the loss settings, re-exported)
 
 IGNORE_INDEX = -100
 STAND_IN_LABEL = 0
 EPS = 1e-6
-Smoothing = Literal["flat", "per_sequence"]
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Which loss a training stage uses. `kind`: vanilla | cmo | cal."""
-
-    kind: Literal["vanilla", "cmo", "cal"] = "vanilla"
-    delta_min: float = 0.05  # CMO clamp
-    delta_max: float = 0.5
-    cal_min: float = 1.0  # CAL clamp
-    cal_max: float = 5.0
-    window: int = 3
-    smoothing: Smoothing = "flat"
-    image_free: Literal["reference", "efficient"] = "efficient"  # how the image-free pass is run
-    # The image-free prediction at image positions (the last one predicts the token after the image):
-    # last_text = from the last text token before the image; image_position = the position's own
-    # output in the masked pass (upstream). See image_free.py.
-    image_boundary: Literal["last_text", "image_position"] = "last_text"
-    chunk_tokens: int = 1024  # tokens per chunk when scoring labels against the full vocabulary
-
-    @property
-    def clamp(self) -> tuple[float, float]:
-        return (self.delta_min, self.delta_max) if self.kind == "cmo" else (self.cal_min, self.cal_max)
-
-    @property
-    def needs_image_free_pass(self) -> bool:
-        return self.kind in ("cmo", "cal")
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -11,25 +11,16 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from .data import Record, load_llava_records
 from .errors import DPAInputError
 from .io import atomic_dir, write_json_atomic
+from .settings import MixSource
 
 MIX_FILE, TEXT_FILE, HOLDOUT_FILE, INFO_FILE, STATS_FILE = (
     "captions.json", "text_corpus.jsonl", "text_holdout.jsonl", "mix.json", "stats.json")
-
-
-@dataclass(frozen=True)
-class MixSource:
-    name: str
-    path: Path
-    image_root: Path
-    weight: float = 1.0
-    count: int | None = None
 
 
 def _normalise(text: str) -> str:

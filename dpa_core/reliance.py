@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -33,16 +32,10 @@ from .errors import DPAInputError
 from .image_free import efficient_hidden, llava_of, position_ids_for
 from .losses import IGNORE_INDEX, label_scores_at, shift_labels, stand_in
 from .main_pass import main_pass
+from .settings import CaptionSet
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
 KINDS = ("all", "content", "style")
-
-
-@dataclass(frozen=True)
-class CaptionSet:
-    name: str
-    path: Path
-    image_root: Path
 
 
 def load_content_words(path: str | os.PathLike) -> frozenset[str]:

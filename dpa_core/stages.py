@@ -27,33 +27,12 @@ from .data import (AspectRatio, Collator, Encoder, MultimodalDataset, SequenceEn
                    load_text_records)
 from .errors import DPAInputError
 from .io import atomic_dir, content_digest, stat_digest, write_json_atomic
-from .losses import LossConfig
 from .modeling import build_llava, load_tokenizer, save_connector, save_llava, vision_info, CONNECTOR_FILE
-from .trainer import TrainSettings, train, use_bf16
+from .settings import FINETUNE_LORA, DataSource, LoraSettings, LossConfig, ModelPaths, TrainSettings
+from .trainer import train, use_bf16
 
 # Linear layers of the decoder blocks across supported families (phi3 fuses qkv and gate/up).
 LLM_LINEAR = r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)"
-
-
-@dataclass(frozen=True)
-class ModelPaths:
-    vision: Path
-    llm: Path
-    image_token: str = "<image>"
-    add_image_token: bool = True
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    r: int = 256
-    alpha: int = 512
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class DataSource:
-    path: Path
-    image_root: Path | None = None
 
 
 @dataclass
@@ -218,7 +197,7 @@ def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSour
                                    add_image_token=paths.add_image_token, dtype=_dtype(settings))
     _freeze(model.model.vision_tower)
     if tune == "lora":
-        lora = lora or LoraSettings(r=128, alpha=256, dropout=0.05)
+        lora = lora or FINETUNE_LORA
         model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=rf"model\.language_model\..*\.{LLM_LINEAR}",

@@ -14,9 +14,9 @@ import os
 import re
 import shutil
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -29,30 +29,9 @@ from .io import write_json_atomic
 from .losses import LossConfig
 from .objective import multimodal_loss, text_loss
 from .sampling import ModalityLengthGroupedSampler
+from .settings import TrainSettings  # noqa: F401  (the training settings, re-exported)
 
 CONNECTOR_PARAM = "multi_modal_projector"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    learning_rate: float = 2e-3
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    global_batch_size: int = 8  # fixed; gradient accumulation derived from processes x per-device batch
-    per_device_batch_size: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_steps: int = 500  # periodic checkpoints for resume (0: none)
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
-    dataloader_workers: int = 0
-    group_by_modality_length: bool = False  # LLaVA's modality-length-grouped sampler (upstream: on in stage 3)
-    connector_learning_rate: float | None = None  # a separate rate for the connector (LLaVA's mm_projector_lr)
 
 
 def world_size() -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -22,10 +22,8 @@ from dpa_core.io import read_json, write_json_atomic
 from .params import Params
 from .tracking import MlflowStepLogger, StageRun, Tracker, tracking_uri
 
-if TYPE_CHECKING:  # imported where used: a stage depends (in dvc.yaml) only on the code it runs
-    from dpa_core.losses import LossConfig
-    from dpa_core.trainer import TrainSettings
-
+if TYPE_CHECKING:
+    from dpa_core.settings import ModelPaths, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -128,37 +126,18 @@ def tracked(p: Params, stage: str, arm: str | None, seed: int | None, params: di
         yield run
 
 
-# ---- conversions params -> dpa_core -------------------------------------------------------------
+# ---- params -> dpa_core: the schema's sections are dpa_core's settings (dpa_core/settings.py) -----
 
-def train_settings(section, seed: int) -> TrainSettings:
-    from dpa_core.trainer import TrainSettings
-
-    return TrainSettings(**asdict(section.train), seed=seed)
-
-
-def loss_config(p: Params, arm: str, stage: str) -> LossConfig:
-    from dpa_core.losses import LossConfig
-
-    kind = p.arm(arm).loss
-    if kind != "vanilla" and not (p.loss.cmo_in_align if stage == "align" else p.loss.cmo_in_finetune):
-        kind = "vanilla"
-    l = p.loss
-    return LossConfig(kind, delta_min=l.delta_min, delta_max=l.delta_max, cal_min=l.cal_min, cal_max=l.cal_max,
-                      window=l.window, smoothing=l.smoothing, image_free=l.image_free,
-                      image_boundary=l.image_boundary)
-
-
-def model_paths(p: Params):
-    from dpa_core.stages import ModelPaths
-
+def model_paths(p: Params) -> ModelPaths:
+    """p.model, once its directories are there."""
     for key in ("vision", "llm"):
-        path = Path(getattr(p.model, key))
+        path = getattr(p.model, key)
         if not (path / "config.json").is_file():
             raise DPAInputError(f"model.{key} = {str(path)!r} is not a model directory (no config.json).",
                                 file="params.yaml",
                                 fix="run the `world` stage for the toy models, or download the model there "
                                 "(see the profile's header).")
-    return ModelPaths(Path(p.model.vision), Path(p.model.llm), p.model.image_token, p.model.add_image_token)
+    return p.model
 
 
 def preflight(p: Params):
@@ -171,6 +150,12 @@ def preflight(p: Params):
                  multimodal_lengths={"align.max_length": p.align.max_length,
                                      "finetune.max_length": p.finetune.max_length},
                  text_lengths={"proxy.max_length": p.proxy.max_length})
+
+
+def _section_as_run(section, settings: TrainSettings) -> dict:
+    """A training section for MLflow, with the training settings the run used (its seed and, for
+    finetune, the connector rate) in place of the section's."""
+    return {**asdict(section), "train": asdict(settings)}
 
 
 def _log_timings(p: Params, run: StageRun, timings: dict, stage: str, arm: str | None = None,
@@ -205,21 +190,20 @@ def world(p: Params) -> StageOutput:
 
 
 def mix(p: Params) -> StageOutput:
-    from dpa_core.mixing import MixSource, check_sources, mix_captions
+    from dpa_core.mixing import check_sources, mix_captions
 
     if not Path(p.data.root).is_dir():
         toy = Path(p.world.out).resolve().is_relative_to(Path(p.data.root).resolve())
         raise DPAInputError(f"data.root ({p.data.root}) does not exist yet.", file=p.data.root,
                             fix="run the world stage first (`dvc repro world`; it builds the toy data there)" if toy
                             else "download the profile's data there first (see its header in conf/profile/).")
-    sources = [MixSource(c.name, Path(c.path), Path(c.image_root), c.weight, c.count) for c in p.data.captions]
     # Every data source of the study, instructions too: a bad instruction record stops the study
     # here, not at finetune after the proxy and both alignments ran.
-    check_sources([(Path(s.path), Path(s.image_root)) for s in p.data.instructions], image_token=p.model.image_token,
+    check_sources([(s.path, s.image_root) for s in p.data.instructions], image_token=p.model.image_token,
                   require_image=False)
     out = layout(p).mix()
     with tracked(p, "mix", None, None, {"mix": asdict(p.mix), "captions": [asdict(c) for c in p.data.captions]}) as run:
-        stats = mix_captions(sources, out, total=p.mix.total, seed=p.mix.seed, dedup_records=p.mix.dedup)
+        stats = mix_captions(p.data.captions, out, total=p.mix.total, seed=p.mix.seed, dedup_records=p.mix.dedup)
         run.metrics(stats)
         run.artifact(out / "stats.json")
         write_json_atomic(layout(p).metrics("mix"), stats)
@@ -227,15 +211,16 @@ def mix(p: Params) -> StageOutput:
 
 
 def proxy(p: Params, seed: int) -> StageOutput:
-    from dpa_core.stages import LoraSettings, proxy_pretrain
+    from dpa_core.stages import proxy_pretrain
 
     preflight(p)
     out = layout(p).proxy(seed)
     corpus = _require(layout(p).mix() / "text_corpus.jsonl", "mix")
-    with tracked(p, "proxy", None, seed, {"proxy": asdict(p.proxy), "seed": seed}) as run:
-        res = proxy_pretrain(Path(p.model.llm), corpus, out, lora=LoraSettings(**asdict(p.proxy.lora)),
-                             settings=train_settings(p.proxy, seed), max_length=p.proxy.max_length,
-                             sequence_end=p.proxy.sequence_end, callbacks=[MlflowStepLogger(run)])
+    settings = p.train_settings("proxy", seed)
+    with tracked(p, "proxy", None, seed, {"proxy": _section_as_run(p.proxy, settings), "seed": seed}) as run:
+        res = proxy_pretrain(p.model.llm, corpus, out, lora=p.proxy.lora, settings=settings,
+                             max_length=p.proxy.max_length, sequence_end=p.proxy.sequence_end,
+                             callbacks=[MlflowStepLogger(run)])
         run.metrics(res.metrics)
         _log_timings(p, run, res.timings, "proxy", None, seed)
         run.artifact(out)
@@ -279,10 +264,12 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
     mix_dir = _require(layout(p).mix(), "mix")
     info = read_json(mix_dir / "mix.json")
     out = layout(p).align(arm, seed)
-    lc = loss_config(p, arm, "align")
-    with tracked(p, "align", arm, seed, {"align": asdict(p.align), "loss": asdict(lc), "proxy": use_proxy}) as run:
+    lc = p.loss_config(arm, "align")
+    settings = p.train_settings("align", seed)
+    with tracked(p, "align", arm, seed, {"align": _section_as_run(p.align, settings), "loss": asdict(lc),
+                                         "proxy": use_proxy}) as run:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
-                          loss=lc, settings=train_settings(p.align, seed),
+                          loss=lc, settings=settings,
                           proxy_adapter=_require(layout(p).proxy(seed), "proxy") if use_proxy else None,
                           max_length=p.align.max_length, image_aspect_ratio=p.align.image_aspect_ratio,
                           sequence_end=p.align.sequence_end, callbacks=[MlflowStepLogger(run)])
@@ -296,16 +283,15 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
 def reliance(p: Params, arm: str, seed: int) -> StageOutput:
     """Image reliance of the aligned connector, with the LLM it was aligned against, on held-out captions."""
     from dpa_core.io import atomic_dir
-    from dpa_core.reliance import CaptionSet, connector_reliance, flat_reliance
+    from dpa_core.reliance import connector_reliance, flat_reliance
 
     out = layout(p).reliance(arm, seed)
     connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
     r = p.reliance
-    sets = [CaptionSet(c.name, Path(c.path), Path(c.image_root)) for c in r.captions]
     adapter = _require(layout(p).proxy(seed), "proxy") if p.arm(arm).proxy else None
     with tracked(p, "reliance", arm, seed, {"reliance": asdict(r), "proxy": adapter is not None}) as run:
-        if sets:
-            result = connector_reliance(model_paths(p), connector, sets, proxy_adapter=adapter,
+        if r.captions:
+            result = connector_reliance(model_paths(p), connector, r.captions, proxy_adapter=adapter,
                                         content_words_file=Path(r.content_words) if r.content_words else None,
                                         batch_size=r.batch_size, max_length=r.max_length, limit=r.limit)
         else:
@@ -323,17 +309,17 @@ def reliance(p: Params, arm: str, seed: int) -> StageOutput:
 
 
 def finetune(p: Params, arm: str, seed: int) -> StageOutput:
-    from dpa_core.stages import DataSource, LoraSettings, finetune as finetune_stage
+    from dpa_core.stages import finetune as finetune_stage
 
     preflight(p)
     out = layout(p).finetune(arm, seed)
     connector = _require(layout(p).align(arm, seed) / "connector.safetensors", "align")
-    sources = [DataSource(Path(s.path), Path(s.image_root)) for s in p.data.instructions]
-    lc = loss_config(p, arm, "finetune")
-    with tracked(p, "finetune", arm, seed, {"finetune": asdict(p.finetune), "loss": asdict(lc)}) as run:
-        settings = replace(train_settings(p.finetune, seed), connector_learning_rate=p.finetune.connector_learning_rate)
-        res = finetune_stage(model_paths(p), connector, sources, out, loss=lc, settings=settings,
-                             tune=p.finetune.tune, lora=LoraSettings(**asdict(p.finetune.lora)),
+    lc = p.loss_config(arm, "finetune")
+    settings = p.train_settings("finetune", seed)
+    with tracked(p, "finetune", arm, seed, {"finetune": _section_as_run(p.finetune, settings),
+                                            "loss": asdict(lc)}) as run:
+        res = finetune_stage(model_paths(p), connector, p.data.instructions, out, loss=lc, settings=settings,
+                             tune=p.finetune.tune, lora=p.finetune.lora,
                              max_length=p.finetune.max_length, image_aspect_ratio=p.finetune.image_aspect_ratio,
                              image_first=p.finetune.image_first, system_prompt=p.finetune.system_prompt,
                              callbacks=[MlflowStepLogger(run)])
@@ -509,9 +495,9 @@ def curves(p: Params) -> StageOutput:
 
 
 def _numeric(d: dict, prefix: str) -> dict:
-    from .tracking import _flatten
+    from .params import flatten
 
-    return {f"{prefix}/{k}": v for k, v in _flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {f"{prefix}/{k}": v for k, v in flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @dataclass(frozen=True)

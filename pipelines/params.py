@@ -1,22 +1,30 @@
 """params.yaml (composed by DVC/Hydra from conf/): load, compose with overrides, validate against a typed schema.
 
-The schema is a tree of dataclasses mirroring params.yaml. Validation walks the YAML against it:
-an unknown key names the nearest valid one, a wrong type or an impossible value names the key.
+The schema is a tree of dataclasses mirroring params.yaml; the stage settings in it are dpa_core's own
+(dpa_core/settings.py: their defaults and range checks live there, once). pydantic builds the tree from
+the YAML and checks keys and types; its errors are turned into one ParamsError that names the key path,
+the nearest valid key for a typo, and the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import SchemaValidator
 
-from dpa_core.errors import DPAInputError
+from dpa_core.errors import DPAInputError, SettingError
+from dpa_core.settings import (FORBID_UNKNOWN_KEYS, BenchmarkSettings, CaptionSet, DataSource,
+                               LoraSettings, LossConfig, MixSource, ModelPaths, TrainSettings, require_positive)
 
 CONF_DIR = Path("conf")  # Hydra config dir (DVC's default): config.yaml + profile/<name>.yaml
 
@@ -26,299 +34,235 @@ class ParamsError(DPAInputError):
 
 
 # ---- schema -----------------------------------------------------------------------------------
+# Sections that only the pipeline has. Their fields have no defaults: conf/config.yaml sets every one
+# (a default here would be a second one, and would differ from the stage functions'); dpa_core's
+# settings inside them keep theirs. Value checks raise SettingError from __post_init__ (pydantic runs
+# it and reports where the section sits).
+
+def _outside(path, root: Path) -> bool:
+    return not Path(path).resolve().is_relative_to(root)
+
 
 @dataclass
 class World:
-    size: Literal["smoke", "default"] = "default"
-    seed: int = 0
-    out: str = "data/toyworld"
-    base_models: Optional[str] = None
-    verbose_style: float = 1.0
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    size: Literal["smoke", "default"]
+    seed: int
+    out: str
+    base_models: Optional[str]
+    verbose_style: float
+
+    def __post_init__(self) -> None:
         if not 0.0 <= self.verbose_style <= 1.0:
-            raise ParamsError(f"{key}.verbose_style must lie in 0..1 (got {self.verbose_style}).", file="params.yaml",
-                              fix="use 1 for the full florid register, 0 for plain sentences.")
-
-
-@dataclass
-class Model:
-    vision: str = ""
-    llm: str = ""
-    image_token: str = "<image>"
-    add_image_token: bool = True
-
-
-@dataclass
-class CaptionSource:
-    name: str = ""
-    path: str = ""
-    image_root: str = ""
-    weight: float = 1.0
-    count: Optional[int] = None
-
-    def check(self, key: str) -> None:
-        _positive(self.weight, f"{key}.weight", allow_zero=True)
-        if self.count is not None:
-            _positive(self.count, f"{key}.count")
-
-
-@dataclass
-class InstructionSource:
-    name: str = ""
-    path: str = ""
-    image_root: str = ""
+            raise SettingError("verbose_style", f"must lie in 0..1 (got {self.verbose_style}).",
+                               fix="use 1 for the full florid register, 0 for plain sentences.")
 
 
 @dataclass
 class Data:
-    root: str = "data"
-    captions: list[CaptionSource] = field(default_factory=list)
-    instructions: list[InstructionSource] = field(default_factory=list)
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    root: str
+    captions: list[MixSource]
+    instructions: list[DataSource]
+
+    def __post_init__(self) -> None:
+        root = Path(self.root).resolve()
         for what in ("captions", "instructions"):
             sources = getattr(self, what)
             if not sources:
-                raise ParamsError(f"{key}.{what} is empty.", file="params.yaml", fix=f"list at least one source.")
+                raise SettingError(what, "is empty.", fix="list at least one source.")
             names = [s.name for s in sources]
             if len(set(names)) != len(names):
-                raise ParamsError(f"{key}.{what} has duplicate names {names}.", file="params.yaml",
-                                  fix="give each source a unique name.")
-            root = Path(self.root).resolve()
+                raise SettingError(what, f"has duplicate names {names}.", fix="give each source a unique name.")
             for i, s in enumerate(sources):
                 for attr in ("path", "image_root"):
-                    p = Path(getattr(s, attr)).resolve()
-                    if not p.is_relative_to(root):
-                        raise ParamsError(
-                            f"{key}.{what}[{i}].{attr} = {getattr(s, attr)!r} is outside data.root ({self.root}); "
-                            "DVC would not see changes to it.", file="params.yaml",
-                            fix="move or symlink the data under data.root, or set data.root to a common parent.")
+                    value = getattr(s, attr)
+                    if value is not None and _outside(value, root):
+                        raise SettingError(f"{what}[{i}].{attr}", f"= {str(value)!r} is outside data.root "
+                                           f"({self.root}); DVC would not see changes to it.",
+                                           fix="move or symlink the data under data.root, or set data.root to a "
+                                           "common parent.")
 
 
 @dataclass
 class Mix:
-    seed: int = 0
-    total: Optional[int] = None
-    dedup: bool = True
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    seed: int
+    total: Optional[int]
+    dedup: bool
+
+    def __post_init__(self) -> None:
         if self.total is not None:
-            _positive(self.total, f"{key}.total")
+            require_positive(self.total, "total")
 
 
 @dataclass
 class Arm:
-    proxy: bool = False
-    loss: Literal["vanilla", "cmo", "cal"] = "vanilla"
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    proxy: bool
+    loss: Literal["vanilla", "cmo", "cal"]
 
 
 @dataclass
 class Study:
-    proxy_arms: list[str] = field(default_factory=list)
-    plain_arms: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    proxy_arms: list[str]
+    plain_arms: list[str]
+    seeds: list[int]
+
+    def __post_init__(self) -> None:
         if not self.seeds:
-            raise ParamsError(f"{key}.seeds is empty.", file="params.yaml", fix="list at least one seed, e.g. [0].")
+            raise SettingError("seeds", "is empty.", fix="list at least one seed, e.g. [0].")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ParamsError(f"{key}.seeds has duplicates {self.seeds}.", file="params.yaml", fix="list each once.")
+            raise SettingError("seeds", f"has duplicates {self.seeds}.", fix="list each once.")
         if not (self.proxy_arms or self.plain_arms):
-            raise ParamsError(f"{key}: no arm to run.", file="params.yaml", fix="list arms in proxy_arms/plain_arms.")
+            raise SettingError(None, "no arm to run.", fix="list arms in proxy_arms/plain_arms.")
 
     @property
     def arms(self) -> list[str]:
         return [*self.proxy_arms, *self.plain_arms]
 
 
-@dataclass
-class Loss:
-    delta_min: float = 0.05
-    delta_max: float = 0.5
-    cal_min: float = 1.0
-    cal_max: float = 5.0
-    window: int = 3
-    smoothing: Literal["flat", "per_sequence"] = "flat"
-    image_free: Literal["efficient", "reference"] = "efficient"
-    image_boundary: Literal["last_text", "image_position"] = "last_text"
+@dataclass(frozen=True)
+class Loss(LossConfig):
+    """LossConfig (the arm chooses its `kind`) and in which stages CMO/CAL applies."""
+
     cmo_in_align: bool = True
     cmo_in_finetune: bool = True
 
-    def check(self, key: str) -> None:
-        if not -1.0 <= self.delta_min < self.delta_max <= 1.0:
-            raise ParamsError(f"{key}: need -1 <= delta_min < delta_max <= 1 (got {self.delta_min}, "
-                              f"{self.delta_max}).", file="params.yaml", fix="paper defaults: 0.05 and 0.5.")
-        if not self.cal_min < self.cal_max:
-            raise ParamsError(f"{key}: need cal_min < cal_max.", file="params.yaml", fix="paper defaults: 1 and 5.")
-        if self.window < 1 or self.window % 2 == 0:
-            raise ParamsError(f"{key}.window must be an odd number >= 1 (got {self.window}).", file="params.yaml",
-                              fix="use 3 (the paper) or 1 (no smoothing).")
-
-
-@dataclass
-class Lora:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-
-    def check(self, key: str) -> None:
-        _positive(self.r, f"{key}.r")
-        _positive(self.alpha, f"{key}.alpha")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ParamsError(f"{key}.dropout must be in [0, 1) (got {self.dropout}).", file="params.yaml",
-                              fix="use e.g. 0.0 or 0.05.")
-
-
-@dataclass
-class Train:
-    learning_rate: float = 1e-3
-    epochs: float = 1.0
-    max_steps: int = -1
-    global_batch_size: int = 8
-    per_device_batch_size: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    save_steps: int = 200
-    gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    group_by_modality_length: bool = False
-
-    def check(self, key: str) -> None:
-        _positive(self.learning_rate, f"{key}.learning_rate")
-        _positive(self.global_batch_size, f"{key}.global_batch_size")
-        _positive(self.per_device_batch_size, f"{key}.per_device_batch_size")
-        if self.max_steps <= 0:
-            _positive(self.epochs, f"{key}.epochs")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ParamsError(f"{key}.warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).", file="params.yaml",
-                              fix="the paper uses 0.03.")
-        if self.global_batch_size % self.per_device_batch_size:
-            raise ParamsError(f"{key}.global_batch_size ({self.global_batch_size}) is not a multiple of "
-                              f"per_device_batch_size ({self.per_device_batch_size}).", file="params.yaml",
-                              fix="gradient accumulation is derived as global / (per_device x processes).")
+    def for_stage(self, kind: str, stage: str) -> LossConfig:
+        """The loss `stage` trains with for an arm whose loss is `kind`."""
+        if kind != "vanilla" and not (self.cmo_in_align if stage == "align" else self.cmo_in_finetune):
+            kind = "vanilla"
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)}
+        return LossConfig(**{**shared, "kind": kind})
 
 
 @dataclass
 class Proxy:
-    lora: Lora = field(default_factory=Lora)
-    max_length: int = 128
-    sequence_end: Literal["eos", "newline"] = "eos"
-    train: Train = field(default_factory=Train)
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    lora: LoraSettings
+    max_length: int
+    sequence_end: Literal["eos", "newline"]
+    train: TrainSettings
+
+    def __post_init__(self) -> None:
         if self.train.group_by_modality_length:
-            raise ParamsError(f"{key}.train.group_by_modality_length: the proxy stage trains on text only, "
-                              "there is no modality to group by.", file="params.yaml",
-                              fix=f"set {key}.train.group_by_modality_length: false.")
+            raise SettingError("train.group_by_modality_length", "is not for the proxy stage: it trains on text "
+                               "only, there is no modality to group by.", fix="set it to false.")
 
 
 @dataclass
 class Align:
-    max_length: int = 256
-    image_aspect_ratio: Literal["crop", "pad"] = "crop"
-    sequence_end: Literal["eos", "newline"] = "eos"
-    train: Train = field(default_factory=Train)
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    max_length: int
+    image_aspect_ratio: Literal["crop", "pad"]
+    sequence_end: Literal["eos", "newline"]
+    train: TrainSettings
 
 
 @dataclass
 class Finetune:
-    tune: Literal["lora", "full"] = "lora"
-    lora: Lora = field(default_factory=Lora)
-    max_length: int = 256
-    image_aspect_ratio: Literal["crop", "pad"] = "crop"
-    image_first: bool = False
-    system_prompt: Optional[str] = None
-    connector_learning_rate: Optional[float] = None
-    train: Train = field(default_factory=Train)
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    tune: Literal["lora", "full"]
+    lora: LoraSettings
+    max_length: int
+    image_aspect_ratio: Literal["crop", "pad"]
+    image_first: bool
+    system_prompt: Optional[str]
+    connector_learning_rate: Optional[float]
+    train: TrainSettings
+
+    def __post_init__(self) -> None:
         if self.connector_learning_rate is not None:
-            _positive(self.connector_learning_rate, f"{key}.connector_learning_rate")
-
-
-@dataclass
-class Benchmark:
-    name: str = ""
-    kind: Literal["builtin_tsv", "vlmeval", "lmeval"] = "builtin_tsv"
-    path: Optional[str] = None  # local data file (builtin_tsv, lmeval toy task)
-    task: Optional[str] = None  # dataset/task name for vlmeval and lm-eval
-    limit: Optional[int] = None  # per-benchmark overrides of the evaluate.* defaults
-    batch_size: Optional[int] = None
-    max_new_tokens: Optional[int] = None
-    prompt: Optional[str] = None  # lmeval local tasks: prompt style (see docs/evaluation.md)
-    num_fewshot: Optional[int] = None  # lmeval
-    allow_download: Optional[bool] = None  # vlmeval: fetch a missing dataset TSV (needs network)
-    optional: bool = False  # data or extra missing here: skip it (compare averages what every arm has) instead of failing
+            require_positive(self.connector_learning_rate, "connector_learning_rate")
 
 
 @dataclass
 class Evaluate:
-    benchmarks: list[Benchmark] = field(default_factory=list)
-    batch_size: int = 16
-    max_new_tokens: int = 8
-    limit: Optional[int] = None
-    reference_row: bool = True
-    lmu_data: Optional[str] = None
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    benchmarks: list[BenchmarkSettings]
+    batch_size: int
+    max_new_tokens: int
+    limit: Optional[int]
+    reference_row: bool
+    lmu_data: Optional[str]
 
 
 @dataclass
 class Reliance:
-    captions: list[InstructionSource] = field(default_factory=list)  # held-out caption sets (LLaVA format)
-    content_words: Optional[str] = None  # JSON list of content words; None: the all-token mean only
-    limit: Optional[int] = None
-    batch_size: int = 16
-    max_length: int = 256
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
-        _positive(self.batch_size, f"{key}.batch_size")
-        _positive(self.max_length, f"{key}.max_length")
+    captions: list[CaptionSet]  # held-out caption sets (LLaVA format)
+    content_words: Optional[str]  # JSON list of content words; None: the all-token mean only
+    limit: Optional[int]
+    batch_size: int
+    max_length: int
+
+    def __post_init__(self) -> None:
+        require_positive(self.batch_size, "batch_size")
+        require_positive(self.max_length, "max_length")
         if self.limit is not None:
-            _positive(self.limit, f"{key}.limit")
+            require_positive(self.limit, "limit")
         names = [c.name for c in self.captions]
         if len(set(names)) != len(names):
-            raise ParamsError(f"{key}.captions has duplicate names {names}.", file="params.yaml",
-                              fix="give each caption set a unique name (it names its metrics).")
+            raise SettingError("captions", f"has duplicate names {names}.",
+                               fix="give each caption set a unique name (it names its metrics).")
 
 
 @dataclass
 class Tracking:
-    experiment: str = "dpa-study"
-    uri: str = "sqlite:///mlflow.db"
-    log_checkpoints: bool = True
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    experiment: str
+    uri: str
+    log_checkpoints: bool
 
 
 @dataclass
 class Runtime:
-    outputs: str = "outputs"
-    executor: Literal["local", "docker"] = "local"
-    image: str = "dpa:cpu"
-    gpus: Optional[str] = None
-    launcher: Literal["python", "accelerate"] = "python"
-    accelerate_config: str = "configs/accelerate/ddp.yaml"
-    num_processes: int = 1
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
+
+    outputs: str
+    executor: Literal["local", "docker"]
+    image: str
+    gpus: Optional[str]
+    launcher: Literal["python", "accelerate"]
+    accelerate_config: str
+    num_processes: int
 
 
 @dataclass
 class Params:
-    profile: str = "toy"
-    world: World = field(default_factory=World)
-    model: Model = field(default_factory=Model)
-    data: Data = field(default_factory=Data)
-    mix: Mix = field(default_factory=Mix)
-    arms: dict[str, Arm] = field(default_factory=dict)
-    study: Study = field(default_factory=Study)
-    loss: Loss = field(default_factory=Loss)
-    proxy: Proxy = field(default_factory=Proxy)
-    align: Align = field(default_factory=Align)
-    finetune: Finetune = field(default_factory=Finetune)
-    evaluate: Evaluate = field(default_factory=Evaluate)
-    reliance: Reliance = field(default_factory=Reliance)
-    tracking: Tracking = field(default_factory=Tracking)
-    runtime: Runtime = field(default_factory=Runtime)
+    __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
-    def check(self, key: str) -> None:
+    profile: str
+    world: World
+    model: ModelPaths
+    data: Data
+    mix: Mix
+    arms: dict[str, Arm]
+    study: Study
+    loss: Loss
+    proxy: Proxy
+    align: Align
+    finetune: Finetune
+    evaluate: Evaluate
+    reliance: Reliance
+    tracking: Tracking
+    runtime: Runtime
+
+    def check(self) -> None:
+        """What spans sections (after pydantic built and checked each one)."""
         for group, want in (("proxy_arms", True), ("plain_arms", False)):
             for name in getattr(self.study, group):
                 if name not in self.arms:
@@ -332,8 +276,8 @@ class Params:
         root = Path(self.data.root).resolve()
         for i, c in enumerate(self.reliance.captions):
             for attr in ("path", "image_root"):
-                if not Path(getattr(c, attr)).resolve().is_relative_to(root):
-                    raise ParamsError(f"reliance.captions[{i}].{attr} = {getattr(c, attr)!r} is outside data.root "
+                if _outside(getattr(c, attr), root):
+                    raise ParamsError(f"reliance.captions[{i}].{attr} = {str(getattr(c, attr))!r} is outside data.root "
                                       f"({self.data.root}); DVC would not see changes to it.", file="params.yaml",
                                       fix="move or symlink the held-out captions under data.root.")
         if self.reliance.content_words and not Path(self.reliance.content_words).resolve().is_relative_to(root):
@@ -347,6 +291,12 @@ class Params:
                 raise ParamsError(f"{key} = {value!r} is outside data.root ({self.data.root}); DVC would not see "
                                   "changes to it.", file="params.yaml",
                                   fix="move or symlink the benchmark data under data.root (e.g. data/LMUData).")
+        for stage in ("proxy", "align", "finetune"):  # dpa_core checks it per run, with the number of processes
+            t = getattr(self, stage).train
+            if t.global_batch_size % t.per_device_batch_size:
+                raise ParamsError(f"{stage}.train.global_batch_size ({t.global_batch_size}) is not a multiple of "
+                                  f"per_device_batch_size ({t.per_device_batch_size}).", file="params.yaml",
+                                  fix="gradient accumulation is derived as global / (per_device x processes).")
         if self.runtime.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ParamsError("runtime.num_processes > 1 needs runtime.launcher: accelerate.", file="params.yaml",
                               fix="set launcher: accelerate, or num_processes: 1.")
@@ -359,15 +309,53 @@ class Params:
         return self.arms[name]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _adapter(Params).dump_python(self, mode="json")
+
+    def train_settings(self, stage: str, seed: int) -> TrainSettings:
+        """The training settings `stage` (proxy | align | finetune) runs with for study seed `seed`."""
+        section = getattr(self, stage)
+        extra = {"connector_learning_rate": section.connector_learning_rate} if stage == "finetune" else {}
+        return dataclasses.replace(section.train, seed=seed, **extra)
+
+    def loss_config(self, arm: str, stage: str) -> LossConfig:
+        return self.loss.for_stage(self.arm(arm).loss, stage)
 
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def _positive(value, key: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ParamsError(f"{key} must be {'>= 0' if allow_zero else '> 0'} (got {value}).", file="params.yaml",
-                          fix=f"set {key} to a {'non-negative' if allow_zero else 'positive'} number.")
+# Fields of dpa_core's settings that each run sets, not params.yaml: (key path) -> where the value comes from
+SET_PER_RUN = {**{(stage, "train", "seed"): "study.seeds" for stage in ("proxy", "align", "finetune")},
+               **{(stage, "train", "connector_learning_rate"): "finetune.connector_learning_rate"
+                  for stage in ("proxy", "align", "finetune")},
+               ("loss", "kind"): "each arm's `loss` (arms.<name>.loss)"}
+
+TYPE_ERRORS = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "list", "dict": "mapping",
+               "dataclass": "mapping", "path": "str"}
+
+
+@cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _strict_scalars(schema):
+    """`schema` (a pydantic core schema) with int, bool and str validated strictly: in pydantic's lax
+    mode `r: true` would read as 1, `r: "64"` as 64 and `dedup: "yes"` as true. Floats stay lax, so a
+    quoted "3e-4" (in YAML, or typed in a Prefect text field) reads as 3e-4."""
+    if isinstance(schema, dict):
+        if schema.get("type") in ("int", "bool", "str"):
+            schema["strict"] = True
+        for value in schema.values():
+            _strict_scalars(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _strict_scalars(value)
+    return schema
+
+
+@cache
+def _validator(cls) -> SchemaValidator:
+    return SchemaValidator(_strict_scalars(copy.deepcopy(_adapter(cls).core_schema)))
 
 
 def _nearest(name: str, options) -> str:
@@ -378,63 +366,111 @@ def _nearest(name: str, options) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _convert(value: Any, tp, key: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        return _convert(value, next(a for a in args if a is not type(None)), key)
-    if origin is Literal:
-        if value not in args:
-            raise ParamsError(f"{key} = {value!r} is not one of {list(args)}.{_nearest(value, args)}",
-                              file="params.yaml", fix=f"use one of {list(args)}.")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ParamsError(f"{key} must be a list (got {type(value).__name__}).", file="params.yaml",
-                              fix=f"write {key} as a YAML list.")
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{key} must be a mapping.", file="params.yaml", fix=f"write {key} as a YAML mapping.")
-        return {k: _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and FLOAT_12.match(value.strip()):
-        return float(value.strip())  # "2e-5" from a quoted YAML value or a Prefect text field
-    if tp is bool and not isinstance(value, bool):
-        raise ParamsError(f"{key} must be true or false (got {value!r}).", file="params.yaml", fix="use true/false.")
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ParamsError(f"{key} must be of type {_type_name(tp)} (got {value!r}).", file="params.yaml",
-                          fix=f"set {key} to a {_type_name(tp)}.")
-    return value
+def _type_at(cls, loc):
+    """The schema type at `loc` (a pydantic error location) below dataclass `cls`."""
+    tp = cls
+    for part in loc:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Union:  # Optional[X]
+            tp = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is list:
+            tp = args[0]
+        elif origin is dict:
+            tp = args[1]
+        elif dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp)[part]
+    return tp
 
 
-def build(cls, data: Any, key: str = ""):
-    """An instance of dataclass `cls` from YAML data, checking keys, types and values."""
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _params_error(cls, err: dict) -> ParamsError:
+    """pydantic's first error as a ParamsError naming the key path, with the fix."""
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    key = _dotted(loc)
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingError):  # a range check of the section at `loc`
+        where = ".".join(k for k in (key, cause.key) if k)
+        problem = f"{where} {cause.detail}" if cause.key else f"{key or 'params'}: {cause.detail}"
+        return ParamsError(problem, file="params.yaml", fix=cause.fix)
+    if kind == "unexpected_keyword_argument":
+        names = [f.name for f in dataclasses.fields(_type_at(cls, loc[:-1]))]
+        return ParamsError(f"unknown key {key!r}.{_nearest(loc[-1], names)}", file="params.yaml",
+                           fix=f"valid keys here: {', '.join(names)}.")
+    if kind in ("missing", "missing_argument") and key == "profile":
+        return ParamsError("profile is missing.", file="params.yaml",
+                           fix="each conf/profile/<name>.yaml sets `profile: <name>` (its MLflow tag, and what "
+                           "`dpa validate` composes to compare).")
+    if kind in ("missing", "missing_argument"):
+        return ParamsError(f"{key} is missing.", file="params.yaml",
+                           fix=f"set {key} (conf/config.yaml sets every key).")
+    if kind == "literal_error":
+        allowed = list(typing.get_args(_type_at(cls, loc)))
+        return ParamsError(f"{key} = {value!r} is not one of {allowed}.{_nearest(value, allowed)}",
+                           file="params.yaml", fix=f"use one of {allowed}.")
+    want = TYPE_ERRORS.get(kind.split("_")[0])
+    if want == "bool":
+        return ParamsError(f"{key} must be true or false (got {value!r}).", file="params.yaml", fix="use true/false.")
+    if want in ("list", "mapping"):
+        return ParamsError(f"{key or 'params'} must be a {want} (got {type(value).__name__}).", file="params.yaml",
+                           fix=f"write {key or 'params'} as a YAML {want} (check the indentation).")
+    if want:
+        return ParamsError(f"{key} must be of type {want} (got {_short(value)}).", file="params.yaml",
+                           fix=f"set {key} to a {want}.")
+    return ParamsError(f"{key or 'params'}: {err['msg']} (got {_short(value)}).", file="params.yaml",
+                       fix="see conf/config.yaml for the expected form.")
+
+
+def _refuse_set_per_run(data: dict) -> None:
+    for keys, source in SET_PER_RUN.items():
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            key = ".".join(keys)
+            raise ParamsError(f"{key} is not a setting of params.yaml: each run takes it from {source}.",
+                              file="params.yaml", fix=f"remove {key}; set {source} instead.")
+
+
+def build(cls, data: Any):
+    """An instance of the schema dataclass `cls` from YAML data: keys, types and values checked by
+    pydantic (and dpa_core's settings), then what spans sections (`check`)."""
     if data is None:
         data = {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{key or 'params'} must be a mapping (got {type(data).__name__}).", file="params.yaml",
-                          fix="check the indentation.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            where = f"{key}.{k}" if key else k
-            raise ParamsError(f"unknown key {where!r}.{_nearest(k, names)}", file="params.yaml",
-                              fix=f"valid keys here: {', '.join(names)}.")
-    kwargs = {k: _convert(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
-    obj = cls(**kwargs)
+    if cls is Params and isinstance(data, dict):
+        _refuse_set_per_run(data)
+    try:
+        obj = _validator(cls).validate_python(data)
+    except ValidationError as e:
+        errors = e.errors()  # an unknown key first: a misspelt key is also a missing one
+        first = next((err for err in errors if err["type"] == "unexpected_keyword_argument"), errors[0])
+        raise _params_error(cls, first) from None
     if hasattr(obj, "check"):
-        obj.check(key or "params")
+        obj.check()
     return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {'dotted.key': leaf}; an empty mapping is a leaf."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -565,20 +601,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return build(Params, raw)
 
 
-def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 def drift_from_conf(path: str | Path, profile: str) -> list[str]:
     """The keys where params.yaml differs from conf/ composed with `profile` ([] when none, or no conf/)."""
     path = Path(path)
     if not (path.parent / CONF_DIR / "config.yaml").is_file():
         return []
-    have = _leaves(build(Params, load_yaml(path.read_text(), str(path))).to_dict())
-    want = _leaves(build(Params, compose(path.parent / CONF_DIR, {"profile": profile})).to_dict())
+    have = flatten(build(Params, load_yaml(path.read_text(), str(path))).to_dict())
+    want = flatten(build(Params, compose(path.parent / CONF_DIR, {"profile": profile})).to_dict())
     return sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))

@@ -44,7 +44,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.dvc_runner import StageFailed, run_dvc_stage, stage_entries, stage_env, stage_graph  # noqa: F401
 from pipelines.entrypoints import STAGES, expected_stages
-from pipelines.params import CONF_DIR, Params, build, compose, load_params, parse_override, write_params
+from pipelines.params import CONF_DIR, Params, build, compose, flatten, load_params, parse_override, write_params
 
 FLOW_NAME = "dpa-study"
 DEPLOYMENT_NAME = "local"
@@ -78,21 +78,10 @@ def build_overrides(profile: str | None = None, proxy_arms: list[str] | None = N
         out["study.plain_arms"] = list(plain_arms)
     if seeds is not None:
         out["study.seeds"] = list(seeds)
-    for key, value in _flatten(overrides or {}).items():
+    for key, value in flatten(overrides or {}).items():
         if isinstance(value, str):
             value = parse_override(f"{key}={value}")[1]
         out[key] = value
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 from transformers import TrainerCallback
 
+from .params import flatten
+
 log = logging.getLogger("dpa.tracking")
 
 PARENT_TAG = "dpa.parent"
@@ -260,7 +262,7 @@ class StageRun:
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in _flatten(params).items()]
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for s in range(0, len(items), 100):
             self._do("params", "log_batch", self.run_id, params=items[s : s + 100])
 
@@ -270,7 +272,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in _flatten(metrics).items()
+        items = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for rid in [self.run_id] + ([self.parent_id] if on_parent else []):
             for s in range(0, len(items), 500):
@@ -299,14 +301,3 @@ class MlflowStepLogger(TrainerCallback):
 def _metric_key(key: str) -> str:
     # MLflow allows alphanumerics, _ - . space : / in metric names.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

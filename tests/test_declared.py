@@ -185,7 +185,7 @@ def test_stages_read_only_params_yaml(qwen_repo):
     from pipelines.params import load_params
 
     p = load_params(qwen_repo / "params.yaml")
-    assert (p.profile, p.proxy.lora.r, p.model.llm) == ("qwen2.5-7b", 256, "models/Qwen2.5-7B-Instruct")
+    assert (p.profile, p.proxy.lora.r, p.model.llm) == ("qwen2.5-7b", 256, Path("models/Qwen2.5-7B-Instruct"))
     text = (qwen_repo / "params.yaml").read_text().replace("    r: 256\n", "    r: 64\n", 1)
     (qwen_repo / "params.yaml").write_text(text)  # as `dvc exp run -S proxy.lora.r=64` would leave it
     try:

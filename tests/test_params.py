@@ -42,12 +42,47 @@ def test_paper_profiles_carry_the_paper_settings():
      "evaluate.lmu_data = '/tmp/LMUData' is outside data.root"),
     ({"evaluate.benchmarks": [{"name": "t", "kind": "builtin_tsv", "path": "/tmp/t.tsv"}]},
      "evaluate.benchmarks[0].path = '/tmp/t.tsv' is outside data.root"),
+    ({"evaluate.benchmarks": [{"name": "t", "kind": "builtin_tsv"}]},
+     "evaluate.benchmarks[0]: a builtin_tsv benchmark needs 'path'"),
+    ({"evaluate.benchmarks": [{"name": "t", "kind": "lmevall", "task": "x"}]}, "Did you mean 'lmeval'?"),
+    ({"arms.dpa": {"proxi": True}}, "unknown key 'arms.dpa.proxi'. Did you mean 'proxy'?"),
+    ({"data.captions": [{"name": "x"}]}, "data.captions[0].path is missing"),
+    ({"data.captions": [{"name": "x", "path": "data/toyworld/x.json", "image_root": "data/toyworld", "weight": -1}]},
+     "data.captions[0].weight must be >= 0 (got -1.0)"),
+    ({"proxy.lora.dropout": 1.0}, "proxy.lora.dropout must be in [0, 1)"),
+    ({"loss.window": 2}, "loss.window must be an odd number"),
+    ({"mix.dedup": "maybe"}, "mix.dedup must be true or false"),
+    ({"mix.dedup": "yes"}, "mix.dedup must be true or false (got 'yes')"),
+    ({"proxy.lora.r": True}, "proxy.lora.r must be of type int (got True)"),
+    ({"proxy.lora.r": "64"}, "proxy.lora.r must be of type int (got '64')"),
+    ({"model.llm": 3}, "model.llm must be of type str (got 3)"),
+    ({"proxy.train.seed": 3}, "proxy.train.seed is not a setting of params.yaml: each run takes it from study.seeds"),
+    ({"loss.kind": "cmo"}, "loss.kind is not a setting of params.yaml"),
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ParamsError) as err:
         load_params(PARAMS, override)
     assert message in str(err.value)
     assert "params.yaml" in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_stage_settings_are_dpa_cores():
+    """params.yaml's stage sections are dpa_core's settings, checked where they are defined, and a run's
+    settings are the section's with the study seed (and finetune's connector rate) set."""
+    from dpa_core.errors import SettingError
+    from dpa_core.settings import LoraSettings, TrainSettings
+
+    with pytest.raises(SettingError, match=r"^r must be > 0 \(got 0\)\. Fix:"):
+        LoraSettings(r=0)
+    p = load_params(PARAMS, {"finetune.connector_learning_rate": 1e-4})
+    assert isinstance(p.proxy.lora, LoraSettings) and isinstance(p.align.train, TrainSettings)
+    run = p.train_settings("finetune", 3)
+    assert (run.seed, run.connector_learning_rate, run.learning_rate) == (3, 1e-4, p.finetune.train.learning_rate)
+    assert p.train_settings("align", 3).connector_learning_rate is None
+    assert p.loss_config("dpa", "align").kind == "cmo" and p.loss_config("vanilla", "align").kind == "vanilla"
+    no_cmo_in_align = load_params(PARAMS, {"loss.cmo_in_align": False})
+    assert no_cmo_in_align.loss_config("dpa", "align").kind == "vanilla"
+    assert no_cmo_in_align.loss_config("dpa", "finetune").kind == "cmo"
 
 
 def test_unknown_profile_is_named():
@@ -98,9 +133,19 @@ def test_floats_as_users_write_them_in_params_yaml(tmp_path, written, value):
 def test_floats_in_a_profile(tmp_path):
     shutil.copytree(CONF, tmp_path / "conf")
     (tmp_path / "conf/profile/mine.yaml").write_text(
-        "# @package _global_\nproxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n    learning_rate: 5E-4\n")
+        "# @package _global_\nprofile: mine\nproxy:\n  train: {learning_rate: 4e-5}\nfinetune:\n  train:\n"
+        "    learning_rate: 5E-4\n")
     p = load_params(tmp_path / "params.yaml", {"profile": "mine"})
     assert (p.proxy.train.learning_rate, p.finetune.train.learning_rate) == (4e-5, 5e-4)
+    assert p.profile == "mine"
+
+
+def test_a_profile_names_itself(tmp_path):
+    """A profile without `profile: <name>` is refused (it used to run tagged as the toy profile)."""
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "conf/profile/mine.yaml").write_text("# @package _global_\nmix: {total: 40}\n")
+    with pytest.raises(ParamsError, match=r"profile is missing\. Fix: each conf/profile/<name>\.yaml sets"):
+        load_params(tmp_path / "params.yaml", {"profile": "mine"})
 
 
 @pytest.mark.parametrize("text, value", [

@@ -11,13 +11,17 @@ recorded; by default it fails the evaluation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 
-from ..errors import DPAInputError
+from ..errors import DPAInputError, SettingError
+from ..settings import BenchmarkKind, BenchmarkSettings
 from .flat_metrics import META, metric_part
 
-KINDS = ("builtin_tsv", "vlmeval", "lmeval")
-_OPTIONAL = {"limit", "batch_size", "max_new_tokens", "prompt", "num_fewshot", "allow_download", "optional"}
+# The keys, kinds and per-kind rules of a spec are dpa_core.settings.BenchmarkSettings (params.yaml's
+# evaluate.benchmarks is a list of them); name, kind, path and task are fields here, the rest options.
+KINDS = typing.get_args(BenchmarkKind)
+_OPTIONAL = {f.name for f in fields(BenchmarkSettings)} - {"name", "kind", "path", "task"}
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,11 @@ def parse_spec(raw: dict, position: int) -> BenchmarkSpec:
                             "'_', '.', '-'.", record=where, fix="name it like toy_mcq (it becomes the metric prefix).")
     if kind not in KINDS:
         raise DPAInputError(f"unknown kind {kind!r}.", record=name, fix=f"use one of {', '.join(KINDS)}.")
+    try:
+        BenchmarkSettings(**raw)  # the per-kind rules (path, task)
+    except SettingError as e:
+        raise DPAInputError(e.problem, record=name, fix=e.fix) from None
     path, task = raw.get("path"), raw.get("task")
-    if kind == "builtin_tsv" and not path:
-        raise DPAInputError("a builtin_tsv benchmark needs 'path' (the TSV).", record=name, fix="add path: <file>.tsv.")
-    if kind == "vlmeval" and not task:
-        raise DPAInputError("a vlmeval benchmark needs 'task' (VLMEvalKit's dataset name, e.g. MMBench_DEV_EN).",
-                            record=name, fix="add task: <dataset name>; its TSV must be in LMUData.")
-    if kind == "lmeval" and bool(path) == bool(task):
-        raise DPAInputError("an lmeval benchmark needs exactly one of 'path' (local jsonl) and 'task' (lm-eval name).",
-                            record=name, fix="set path: <facts.jsonl> or task: <lm-eval task>.")
     options = {k: raw[k] for k in _OPTIONAL if k in raw}
     return BenchmarkSpec(name=name, kind=kind, path=path, task=task, options=options)
 
