@@ -84,12 +84,14 @@ SIZES: dict[str, WorldSize] = {
     "default": WorldSize(
         # 60 px images and 20 px patches: the vision tower's 3x3 patch grid is the scene's 3x3
         # grid of cells, one image token per cell (a 48/12 grid split the cells across patches).
+        # The LLM's first 1000 of 4000 steps are first lessons on one-object scenes: without them
+        # it never copied a colour or shape out of its context (docs/toyworld.md, "First lessons").
         image_size=60, n_train_images=3000, n_bench_images=600, max_objects=4,
         min_instruct_turns=2, max_instruct_turns=4,
         n_entities=24, n_llm_scene_docs=12000, n_llm_chat_docs=12000, n_llm_fact_docs=6000, n_llm_florid_docs=0,
         verbose_style=1.0, vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
-        llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=3000, llm_lr=3e-3, llm_first_lessons_steps=0,
+        llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=4000, llm_lr=3e-3, llm_first_lessons_steps=1000,
         clip_patch=20, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
         clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=400, clip_lr=1e-3,
         ppl_texts=200,
