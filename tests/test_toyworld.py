@@ -299,3 +299,22 @@ def test_first_lessons_corpus_and_phase(tmp_path):
     lesson_ws = dataclasses.replace(plain, llm_first_lessons_steps=10)
     assert build_mod.base_fingerprint(lesson_ws, 0, data.bench) != want
     assert tokenized_corpus(tok, ["a b<|endoftext|>"]).loss_mask.all()
+
+
+def test_reading_probe_in_checks_and_learning_curve(world, tmp_path):
+    """The world's checks say how well the base LLM reads a scene told in words (overall, per
+    category, per object count); a base-model build with probe_every records the learning curve,
+    and probing leaves the models byte for byte as a build without it."""
+    from dpa_core.toyworld import build_base_models
+
+    reading = json.loads((world / "manifest.json").read_text())["checks"]["scene_text_reading_base_llm"]
+    assert {"overall", "color", "shape", "position", "count"} <= reading.keys()
+    assert any(k.startswith("n") and k[1:].isdigit() for k in reading)
+    assert all(0.0 <= v <= 1.0 for v in reading.values())
+
+    plain = build_base_models(tmp_path / "plain", "smoke", seed=0, overrides={**FAST, "llm_steps": 4})
+    probed = build_base_models(tmp_path / "probed", "smoke", seed=0, overrides={**FAST, "llm_steps": 4}, probe_every=2)
+    assert "llm_reading_curve" not in plain
+    assert [c["step"] for c in probed["llm_reading_curve"]] == [2, 4]
+    for rel in ("llm/model.safetensors", "clip/model.safetensors"):
+        assert (tmp_path / "plain" / rel).read_bytes() == (tmp_path / "probed" / rel).read_bytes(), rel

@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the tokenizer, LLM and vision tower built by --base-models-only")
     parser.add_argument("--base-models-only", action="store_true",
                         help="train only the tokenizer, base LLM and vision tower into --out")
+    parser.add_argument("--probe-every", type=int, default=0, metavar="N",
+                        help="with --base-models-only: every N LLM steps, print how well it reads a scene told in words")
     args = parser.parse_args(argv)
     try:
         if args.base_models_only:
-            manifest = build_base_models(args.out, args.size, args.seed, overrides=dict(args.overrides))
+            manifest = build_base_models(args.out, args.size, args.seed, overrides=dict(args.overrides),
+                                         probe_every=args.probe_every)
             print(json.dumps({k: manifest[k] for k in ("seed", "size", "fingerprint", "llm", "clip", "timings_s")}, indent=2))
             return 0
         manifest = build_world(args.out, args.size, args.seed, overrides=dict(args.overrides),

@@ -3,13 +3,15 @@ answer in chat form? (The study compares later models against these numbers.)"""
 
 from __future__ import annotations
 
+import random
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .chat import render_chat
 from .facts import Person
 from .language import own_style
-from .questions import LETTERS, format_mcq
+from .questions import LETTERS, ask_each_category, format_mcq
 from .scenes import Scene
 
 
@@ -58,3 +60,33 @@ def chat_sample(model: PreTrainedModel, tok: PreTrainedTokenizerFast, question: 
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def scene_text_reading(model: PreTrainedModel, tok: PreTrainedTokenizerFast, scenes: list[Scene],
+                       rng: random.Random) -> dict[str, float]:
+    """Can the LLM read a scene told in its own words? One question per category per scene, the
+    scene as own-style text, each option's whole answer sentence scored (the cloze formulation, as
+    the benchmark's cloze mode); accuracy overall, per category and per number of objects
+    (n1..n4: one object means one colour word in the context, so copying alone answers it)."""
+    was_training = model.training
+    model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    hits: dict[str, list[int]] = {}
+    for scene in scenes:
+        for q in ask_each_category(scene, rng):
+            prompt = tok(render_chat([{"role": "user", "content": f"{own_style(scene)}\n{q.question}"}])
+                         + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+            answers = [tok(a, add_special_tokens=False)["input_ids"] for a in q.option_answers]
+            ids = torch.full((len(answers), len(prompt) + max(map(len, answers))), pad, dtype=torch.long)
+            for k, a in enumerate(answers):
+                ids[k, : len(prompt) + len(a)] = torch.tensor(prompt + a)
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)  # right padding: the answers' logits are unaffected
+            scores = [sum(logp[k, len(prompt) - 1 + j, t].item() for j, t in enumerate(a)) for k, a in enumerate(answers)]
+            right = int(max(range(len(scores)), key=scores.__getitem__) == q.correct)
+            for key in ("overall", q.category, f"n{scene.count}"):
+                h = hits.setdefault(key, [0, 0])
+                h[0] += right
+                h[1] += 1
+    model.train(was_training)
+    return {k: round(h[0] / h[1], 4) for k, h in hits.items()}

@@ -23,7 +23,7 @@ from dpa_core.errors import DPAInputError
 from dpa_core.io import atomic_dir, write_json_atomic
 
 from . import language
-from .base_checks import chat_sample, scene_text_mcq_accuracy, text_bench_accuracy
+from .base_checks import chat_sample, scene_text_mcq_accuracy, scene_text_reading, text_bench_accuracy
 from .clip import encode_texts, make_clip, make_processor, pixel_values, retrieval_accuracy, train_clip
 from .corpus import first_lessons, llm_corpus
 from .datasets import WorldData, image_name, make_world_data, rng_for, write_world_data
@@ -59,6 +59,7 @@ DATA_ONLY_FIELDS = frozenset({"min_instruct_turns", "max_instruct_turns", "ppl_t
 BASE_MANIFEST = "manifest.json"
 # Size fields added after base models were shipped, with the value that changes nothing.
 FIELDS_ADDED_LATER = {"llm_first_lessons_steps": 0}
+PROBE_SCENES = 240  # benchmark scenes the reading probe asks about (one question per category each)
 
 
 def base_fingerprint(ws: WorldSize, seed: int, bench: list) -> str:
@@ -89,15 +90,16 @@ def build_world(out_dir: str | os.PathLike, size: str = "default", seed: int = 0
 
 
 def build_base_models(out_dir: str | os.PathLike, size: str = "default", seed: int = 0,
-                      overrides: Mapping[str, Any] | None = None, on_llm_step=None) -> dict:
+                      overrides: Mapping[str, Any] | None = None, probe_every: int = 0) -> dict:
     """Train the world's tokenizer, base LLM and vision tower into out_dir/{llm,clip} with a
     manifest; build_world(base_models=out_dir) then reuses them (like downloaded weights).
-    on_llm_step(step, model) is called after each LLM training step: a probe of the learning
-    curve, which must leave the model in train mode."""
+    probe_every > 0: every that many LLM steps, measure how well it reads a scene told in words
+    (base_checks.scene_text_reading on the benchmark's scenes), print it, and keep the learning
+    curve in the manifest ("llm_reading_curve"); the probe only reads, the models are the same."""
     ws = _check_seed(size, seed, overrides)
     with _one_thread(), atomic_dir(out_dir) as root:
         data = make_world_data(ws, seed)
-        stats = _train_models(root, ws, seed, data, on_llm_step)
+        stats = _train_models(root, ws, seed, data, probe_every)
         manifest = {
             "seed": seed,
             "size": size if isinstance(size, str) else "custom",
@@ -151,7 +153,7 @@ def _versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData, on_llm_step=None) -> dict:
+def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData, probe_every: int = 0) -> dict:
     """Tokenizer + LLM into root/llm, CLIP into root/clip; returns their statistics and timings."""
     timings: dict[str, float] = {}
     lap = _stopwatch(timings)
@@ -170,7 +172,15 @@ def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData, on_llm_
         if ws.llm_first_lessons_steps:
             exclude = {s.key() for s in data.bench}
             lessons = tokenized_corpus(tok, first_lessons(ws, rng_for(seed, "llm-first-lessons"), exclude))
-        llm_stats = pretrain(llm, tokenized_corpus(tok, corpus), ws, seed, first_lessons=lessons, on_step=on_llm_step)
+        curve: list[dict] = []
+
+        def probe(step: int, model) -> None:
+            if probe_every and (step + 1) % probe_every == 0:
+                reading = scene_text_reading(model, tok, data.bench[:PROBE_SCENES], rng_for(seed, "reading-probe"))
+                curve.append({"step": step + 1, **reading})
+                print(json.dumps(curve[-1]), flush=True)
+
+        llm_stats = pretrain(llm, tokenized_corpus(tok, corpus), ws, seed, first_lessons=lessons, on_step=probe)
         save_llm(llm, tok, root / "llm")
         lap("llm")
 
@@ -189,7 +199,8 @@ def _train_models(root: Path, ws: WorldSize, seed: int, data: WorldData, on_llm_
         clip.save_pretrained(root / "clip")
         processor.save_pretrained(root / "clip")
         lap("clip")
-    return {"llm": llm_stats, "clip": clip_stats, "llm_corpus_docs": len(corpus), "timings_s": timings}
+    stats = {"llm": llm_stats, "clip": clip_stats, "llm_corpus_docs": len(corpus), "timings_s": timings}
+    return {**stats, "llm_reading_curve": curve} if curve else stats
 
 
 def _copy_base_models(src: Path, dest: Path, ws: WorldSize, seed: int, data: WorldData) -> dict:
@@ -258,6 +269,9 @@ def _build(out_dir: Path, size: str | WorldSize, ws: WorldSize, seed: int, base_
             "text_bench_acc_base_llm": text_bench_accuracy(llm, tok, data.facts, data.people),
             "text_bench_chance": 0.25,
             "scene_text_mcq_acc_base_llm": scene_text_mcq_accuracy(llm, tok, data.bench_rows[: 2 * n], data.bench),
+            # the same, each option's answer sentence scored (cloze), per category and object count
+            "scene_text_reading_base_llm": scene_text_reading(llm, tok, data.bench[:PROBE_SCENES],
+                                                              rng_for(seed, "reading-probe")),
             "chat_sample": {"question": data.facts[0]["question"], "answer": chat_sample(llm, tok, data.facts[0]["question"])},
             "clip": {**base["clip"], "bench_retrieval_acc_in_32": retrieval_accuracy(clip, bench_pixels, bench_ids, bench_mask)},
             "clip_params": sum(p.numel() for p in clip.parameters()),
