@@ -29,6 +29,23 @@ RUN_TIMEOUT = float(os.environ.get("DPA_TEST_FLOW_TIMEOUT", "1500"))
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+def _retrying_client(**kwargs):
+    """An httpx client that retries what Prefect's own client retries (429, 502, 503 with backoff):
+    a busy server (SQLite locked on a loaded machine) answers 503, and the UI tries again too."""
+    import httpx
+
+    class Client(httpx.Client):
+        def request(self, *args, **kw):
+            for delay in (1, 2, 4, 8, 16, 0):
+                r = super().request(*args, **kw)
+                if r.status_code not in (429, 502, 503) or not delay:
+                    return r
+                time.sleep(delay)
+            return r
+
+    return Client(**kwargs)
+
+
 class Api:
     """The few Prefect REST calls the UI makes for a "Run" click and the run's page."""
 
@@ -36,7 +53,7 @@ class Api:
         import httpx
 
         self.url = url
-        self.http = httpx.Client(base_url=f"{url}/api", timeout=30)
+        self.http = _retrying_client(base_url=f"{url}/api", timeout=30)
 
     def deployment(self) -> dict:
         r = self.http.get(f"/deployments/name/{FLOW}/{DEPLOYMENT}")
