@@ -26,7 +26,9 @@ situation exists, can be measured, and is not rigged either way:
 2. The base LLM has a prior of its own. It is pretrained here on a corpus in one plain register
    (full descriptions and short mentions of scenes, as text only; plain facts; ChatML chats that
    answer questions about scenes given in words, open-ended and multiple-choice). It thus knows
-   the content words and the answer formats, but has never seen an image.
+   the content words and the answer formats, but has never seen an image. Its first steps are
+   first lessons on one-object scenes, where copying a word out of the context is the only way
+   to answer: without them it never learned to read a colour or a shape from its context.
 3. Two caption sets differ in register and in content, like the paper's BLIP-LCS vs ShareGPT4V:
    `terse` is alt-text close to the LLM's register but leaves out positions, counts and
    relations; `verbose` carries every fact (more visual content: the "high-quality" set) inside
