@@ -68,7 +68,7 @@ def train_clip(model: CLIPModel, pixels: torch.Tensor, input_ids: torch.Tensor, 
     shape 0.57 vs colour 0.99 per cell); with them each image must also beat its own near-miss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.clip_lr, weight_decay=0.1)
-    warmup = max(1, ws.clip_steps // 20)
+    warmup = max(1, ws.clip_steps // 20)  # (step + 1) / warmup, as llm.lr_at (see there: not transformers')
     batch = min(ws.clip_batch, len(pixels))
     model.train()
     losses = []

@@ -66,7 +66,12 @@ def answer_loss_mask(tok: PreTrainedTokenizerFast, stream: torch.Tensor) -> torc
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over 5% of the steps, then cosine decay to 10% of the peak."""
+    """Linear warmup over 5% of the steps, then cosine decay to 10% of the peak.
+
+    transformers' get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1) is the same curve one
+    warmup step later (step / W: step 0 at lr 0). The shipped base models were trained with this one,
+    and a rebuild with transformers' read scenes measurably worse (docs/toyworld.md, "The recipe is
+    fragile"), so it stays until the recipe is changed on purpose."""
     warmup = max(1, total // 20)
     if step < warmup:
         return peak * (step + 1) / warmup
