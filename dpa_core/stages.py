@@ -178,6 +178,23 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
                    lambda tmp: save_connector(model, tmp / CONNECTOR_FILE))
 
 
+def untrained_connector(paths: ModelPaths, out_dir: Path, *, seed: int) -> StageResult:
+    """The control for alignment: the connector an aligned arm starts from (seeded as `align` seeds
+    it, before the model is built), saved untrained. An arm that finetunes from it skips LLaVA's
+    stage 1; if it scores as well as the aligned arms, the study cannot see what alignment, and so
+    DPA's proxy, changes."""
+    out_dir = Path(out_dir)
+    set_seed(seed)
+    model, _ = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
+                           add_image_token=paths.add_image_token)
+    metrics = {"trained": 0}
+    with atomic_dir(out_dir) as tmp:
+        save_connector(model, tmp / CONNECTOR_FILE)
+        write_json_atomic(tmp / "metrics.json", metrics)
+        write_json_atomic(tmp / "history.json", [])
+    return StageResult(out_dir, metrics)
+
+
 def finetune(paths: ModelPaths, connector: Path, instructions: Sequence[DataSource], out_dir: Path, *,
              loss: LossConfig, settings: TrainSettings, tune: Literal["lora", "full"] = "lora",
              lora: LoraSettings | None = None, max_length: int = 2048, image_aspect_ratio: AspectRatio = "crop",

@@ -112,6 +112,18 @@ def paired_difference(rows: dict, a: str, b: str, metric_fn) -> tuple[float, flo
     return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0, len(diffs)
 
 
+def alignment_sensitivity(control: str, diff) -> str:
+    """One sentence on control − baseline, where the control skipped alignment: whether the study
+    can see what alignment (and so DPA's proxy, which acts through it) changes."""
+    if diff.inconclusive:
+        return (f"{control} (no alignment) is not distinguishable from {BASELINE} (CI covers 0): at this size the "
+                "study does not show an effect of alignment, so it cannot show one of DPA's proxy either.")
+    if diff.ci_high < 0:
+        return f"{control} (no alignment) scores below {BASELINE}: alignment pays here, so the study can see it."
+    return (f"{control} (no alignment) scores above {BASELINE}: alignment as trained here costs accuracy, "
+            "and the finetune alone does better.")
+
+
 # ---- per-question verdicts and the bootstrap ----------------------------------------------------
 
 def read_verdicts(path: Path) -> dict[str, dict[str, tuple[str, bool]]]:
@@ -301,10 +313,15 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
             md.write(f"\n- {arm} − {BASELINE} on {m}: {b.verdict(arm, BASELINE)}; CI half-width "
                      f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}.")
         md.write("\n\n")
+        # What the no-alignment control says about the study itself.
+        control = [f"- Control, {m}: {alignment_sensitivity(arm, b)}\n" for arm, m, b, _ in head
+                   if arm in p.arms and not p.arms[arm].align]
+        md.write("".join(control) + ("\n" if control else ""))
 
     rel = reliance_rows(p, layout)
     rel_keys = _reliance_table(md, rel)
-    md.write("Arms: " + ", ".join(f"{a} (proxy={p.arms[a].proxy}, loss={p.arms[a].loss})"
+    md.write("Arms: " + ", ".join(f"{a} (proxy={p.arms[a].proxy}, loss={p.arms[a].loss}"
+                                  + (", no alignment)" if not p.arms[a].align else ")")
                                   for a in arms if a in p.arms) + ".\n")
 
     # CSV (long form) and DVC metrics.

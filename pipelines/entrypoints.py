@@ -107,7 +107,8 @@ def _parent(p: Params, stage: str, arm: str | None, seed: int | None) -> tuple[s
     tags = {k: v for k, v in _run_tags(p, arm, seed).items() if not k.startswith("prefect.")}
     params = {"arm": arm, "seed": seed, "profile": p.profile}
     if arm in p.arms:
-        params |= {"proxy": str(p.arms[arm].proxy).lower(), "loss": p.arms[arm].loss}
+        a = p.arms[arm]
+        params |= {"proxy": str(a.proxy).lower(), "loss": a.loss, "align": str(a.align).lower()}
     return f"{arm}-seed{seed}", tags, params
 
 
@@ -257,13 +258,20 @@ def diagnose(p: Params, seed: int) -> StageOutput:
 
 
 def align(p: Params, arm: str, seed: int) -> StageOutput:
-    from dpa_core.stages import DataSource, align as align_stage
+    from dpa_core.stages import DataSource, align as align_stage, untrained_connector
 
     preflight(p)
     use_proxy = p.arm(arm).proxy
     mix_dir = _require(layout(p).mix(), "mix")
     info = read_json(mix_dir / "mix.json")
     out = layout(p).align(arm, seed)
+    if not p.arm(arm).align:  # the no-alignment control: the starting connector, untrained
+        settings = p.train_settings("align", seed)
+        with tracked(p, "align", arm, seed, {"align": "skipped (arm align: false)", "seed": settings.seed}) as run:
+            res = untrained_connector(model_paths(p), out, seed=settings.seed)
+            run.metrics(res.metrics)
+            write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
+            return StageOutput("align", out, res.metrics)
     lc = p.loss_config(arm, "align")
     settings = p.train_settings("align", seed)
     with tracked(p, "align", arm, seed, {"align": _section_as_run(p.align, settings), "loss": asdict(lc),

@@ -105,6 +105,14 @@ class Arm:
 
     proxy: bool
     loss: Literal["vanilla", "cmo", "cal"]
+    # false: no alignment; the finetune starts from the connector the aligned arms start from,
+    # untrained (the control that tells whether the study can see what alignment changes).
+    align: bool = True
+
+    def __post_init__(self) -> None:
+        if self.proxy and not self.align:
+            raise SettingError("proxy", "is true but align is false: the proxy LLM is used only to align against.",
+                               fix="set proxy: false for an arm without alignment.")
 
 
 @dataclass

@@ -15,6 +15,11 @@ from pipelines.entrypoints import Layout
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def two_arms(overrides: dict | None = None):
+    """params.yaml with DPA and Vanilla only (the default study also runs the no_align control)."""
+    return load_params(ROOT / "params.yaml", {"study.plain_arms": ["vanilla"], **(overrides or {})})
+
+
 def write_scores(layout: Layout, arm: str, seed: int, scores: dict) -> None:
     d = layout.eval(arm, seed)
     d.mkdir(parents=True, exist_ok=True)
@@ -23,7 +28,7 @@ def write_scores(layout: Layout, arm: str, seed: int, scores: dict) -> None:
 
 def test_average_only_over_rows_with_every_benchmark(tmp_path):
     """The ceiling has no text benchmark: an average over fewer benchmarks would not be comparable."""
-    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": True})
+    p = two_arms({"evaluate.reference_row": True})
     lay = Layout(tmp_path / "outputs")
     write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "text_facts/acc": 0.4})
     write_scores(lay, "vanilla", 0, {"toy_mcq/overall": 0.5, "text_facts/acc": 0.3})
@@ -37,7 +42,7 @@ def test_average_only_over_rows_with_every_benchmark(tmp_path):
 def test_average_only_over_benchmarks_every_arm_has(tmp_path):
     """An optional benchmark skipped for one arm leaves the average (both arms' averages are over the
     same benchmarks) and the table says so."""
-    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": False})
+    p = two_arms({"evaluate.reference_row": False})
     lay = Layout(tmp_path / "outputs")
     write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "text_facts/acc": 0.4, "mmb/overall": 0.9})
     write_scores(lay, "vanilla", 0, {"toy_mcq/overall": 0.5, "text_facts/acc": 0.3})  # mmb skipped here
@@ -50,7 +55,7 @@ def test_average_only_over_benchmarks_every_arm_has(tmp_path):
 
 
 def test_table_means_spread_and_difference(tmp_path):
-    p = load_params(ROOT / "params.yaml", {"study.seeds": [0, 1], "evaluate.reference_row": False})
+    p = two_arms({"study.seeds": [0, 1], "evaluate.reference_row": False})
     lay = Layout(tmp_path / "outputs")
     write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.6, "toy_mcq/color": 0.8, "text_facts/acc": 0.4})
     write_scores(lay, "dpa", 1, {"toy_mcq/overall": 0.4, "toy_mcq/color": 0.6, "text_facts/acc": 0.6})
@@ -73,7 +78,7 @@ def test_table_means_spread_and_difference(tmp_path):
 
 
 def test_missing_scores_say_which_arm(tmp_path):
-    p = load_params(ROOT / "params.yaml")
+    p = two_arms()
     lay = Layout(tmp_path / "outputs")
     write_scores(lay, "dpa", 0, {"toy_mcq/overall": 0.5})
     with pytest.raises(Exception, match="no scores for arm 'vanilla' seed 0"):
@@ -204,7 +209,7 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
 
 
 def test_cloze_is_its_own_table_with_paired_cis_and_stays_out_of_the_average(tmp_path):
-    p = load_params(ROOT / "params.yaml", {"evaluate.reference_row": False})
+    p = two_arms({"evaluate.reference_row": False})
     lay = Layout(tmp_path / "outputs")
     n = 200
     for arm, cloze_right in (("vanilla", lambda i: i % 2 == 0), ("dpa", lambda i: True)):
@@ -226,3 +231,20 @@ def test_cloze_is_its_own_table_with_paired_cis_and_stays_out_of_the_average(tmp
     assert m["dpa_minus_vanilla/toy_mcq/overall/inconclusive"] == 1  # same generation verdicts
     assert m["dpa/average"] == pytest.approx(0.5)  # generation headline only
     assert "dpa − vanilla on toy_mcq/cloze/overall: dpa better" in md
+
+
+@pytest.mark.parametrize("control_right, says", [
+    (lambda i, v: v, "is not distinguishable from vanilla (CI covers 0)"),
+    (lambda i, v: v and i % 2 == 0, "scores below vanilla: alignment pays here"),
+])
+def test_the_no_alignment_control_says_whether_the_study_sees_alignment(tmp_path, control_right, says):
+    p = load_params(ROOT / "params.yaml", {"study.plain_arms": ["vanilla", "no_align"], "evaluate.reference_row": False})
+    lay = Layout(tmp_path / "outputs")
+    vanilla = np.random.default_rng(0).random(600) < 0.6
+    write_predictions(lay, "vanilla", 0, [("color", bool(v), bool(v)) for v in vanilla])
+    write_predictions(lay, "dpa", 0, [("color", bool(v), bool(v)) for v in vanilla])
+    write_predictions(lay, "no_align", 0, [("color", bool(control_right(i, v)), bool(v)) for i, v in enumerate(vanilla)])
+    md = build_comparison(p, lay, lay.compare())["markdown"]
+    assert f"- Control, toy_mcq/overall: no_align (no alignment) {says}" in md
+    assert "no_align (proxy=False, loss=vanilla, no alignment)" in md
+    assert "Control, toy_mcq/overall: dpa" not in md  # only arms without alignment are controls

@@ -46,6 +46,7 @@ def test_paper_profiles_carry_the_paper_settings():
      "evaluate.benchmarks[0]: a builtin_tsv benchmark needs 'path'"),
     ({"evaluate.benchmarks": [{"name": "t", "kind": "lmevall", "task": "x"}]}, "Did you mean 'lmeval'?"),
     ({"arms.dpa": {"proxi": True}}, "unknown key 'arms.dpa.proxi'. Did you mean 'proxy'?"),
+    ({"arms.dpa": {"proxy": True, "loss": "cmo", "align": False}}, "arms.dpa.proxy is true but align is false"),
     ({"data.captions": [{"name": "x"}]}, "data.captions[0].path is missing"),
     ({"data.captions": [{"name": "x", "path": "data/toyworld/x.json", "image_root": "data/toyworld", "weight": -1}]},
      "data.captions[0].weight must be >= 0 (got -1.0)"),

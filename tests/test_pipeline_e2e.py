@@ -20,7 +20,7 @@ from tests.e2e_helpers import (REPO, chromium, free_port, make_repo_copy, start,
 
 pytestmark = pytest.mark.slow
 
-ARMS = {"dpa": "align_proxy", "vanilla": "align"}
+ARMS = {"dpa": "align_proxy", "vanilla": "align", "no_align": "align"}
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -95,7 +95,8 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
     parent_runs = [r for r in runs if r.data.tags.get("dpa.parent") == "true"]
     parents = {r.info.run_name: r for r in parent_runs}
     assert len(parents) == len(parent_runs), "parent run names are unique"
-    assert {"dpa-seed0", "vanilla-seed0", "reference-seed0", "ceiling-seed0", "shared", "study"} == set(parents)
+    assert {"dpa-seed0", "vanilla-seed0", "no_align-seed0", "reference-seed0", "ceiling-seed0", "shared",
+            "study"} == set(parents)
     ceiling = json.loads((repo / "outputs/eval_reference/ceiling/scores.json").read_text())
     assert parents["ceiling-seed0"].data.metrics["toy_mcq/lik/overall"] == pytest.approx(ceiling["toy_mcq/lik/overall"])
     for parent in parent_runs:  # a parent spans its stages: first start to last end
@@ -112,7 +113,8 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
         parent = parents[f"{arm}-seed0"]
         assert parent.data.params == {"arm": arm, "seed": "0", "profile": "smoke",
                                       "proxy": "true" if arm == "dpa" else "false",
-                                      "loss": "cmo" if arm == "dpa" else "vanilla"}
+                                      "loss": "cmo" if arm == "dpa" else "vanilla",
+                                      "align": "false" if arm == "no_align" else "true"}
         children = {r.data.tags["dpa.stage"]: r for r in runs
                     if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert {"align", "reliance", "finetune", "merge", "evaluate"} <= set(children)
@@ -120,8 +122,11 @@ def test_mlflow_has_a_parent_run_per_arm_with_nested_stage_runs(study):
         assert "compare/toy_mcq/overall/mean" in parent.data.metrics
         align = children["align"]
         history = client.get_metric_history(align.info.run_id, "train/loss")
-        assert len(history) >= 2, "per-step loss is logged"
-        assert "align.train.learning_rate" in align.data.params
+        if arm == "no_align":  # the control: the untrained connector, no training run
+            assert not history and align.data.params["align"] == "skipped (arm align: false)"
+        else:
+            assert len(history) >= 2, "per-step loss is logged"
+            assert "align.train.learning_rate" in align.data.params
         if arm != "vanilla":
             assert "compare/minus_vanilla/toy_mcq/overall/ci_low" in parent.data.metrics
         # the headline scores are on the parent (its columns), equal to the DVC metrics file's
@@ -235,7 +240,9 @@ def test_loss_curves_are_dvc_plots(study, tmp_path):
         values = spec["data"]["values"]
         assert spec["encoding"]["color"]["field"] == "series"  # one line per arm-seed (and experiment)
         runs = {v["run"] for v in values}
-        assert runs == ({"proxy-seed0"} if plot.startswith("proxy") else {"dpa-seed0", "vanilla-seed0"}), plot
+        # the no-alignment control has no align curve, only a finetune one
+        arms = {"dpa-seed0", "vanilla-seed0"} | ({"no_align-seed0"} if plot.startswith("finetune") else set())
+        assert runs == ({"proxy-seed0"} if plot.startswith("proxy") else arms), plot
         assert all(isinstance(v[field], float) for v in values)
     # the curves are the training histories, step by step
     history = json.loads((repo / "outputs/align/dpa-seed0/history.json").read_text())
@@ -277,7 +284,8 @@ def test_evaluation_only_change_reruns_only_evaluation_and_compare(study):
     try:
         params.write_text(original.replace("max_new_tokens: 8", "max_new_tokens: 6"))
         would = stages_that_would_run(repo)
-        assert would == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate_reference", "compare"}
+        assert would == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0", "evaluate_reference",
+                         "compare"}
     finally:
         params.write_text(original)
 
@@ -303,7 +311,8 @@ def test_exp_run_sweeps_a_setting(study):
     repo, _ = study
     res = run(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=6"], repo)
     ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
-    assert ran == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate_reference", "compare"}, ran
+    assert ran == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0", "evaluate_reference",
+                   "compare"}, ran
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     assert "evaluate.max_new_tokens" in shown
 

@@ -54,7 +54,7 @@ def test_plan_from_dvcs_graph_shared_once_a_unit_per_chain():
     from pipelines.dvc_runner import stage_entries, stage_graph
     from pipelines.workers import plan_units
 
-    plan = plan_units(stage_graph(REPO), stage_entries(REPO))  # params.yaml: dpa + vanilla, seed 0
+    plan = plan_units(stage_graph(REPO), stage_entries(REPO))  # params.yaml: dpa, vanilla and no_align, seed 0
     assert plan.shared == ["world", "mix", "proxy@0"]
     assert plan.units["dpa-0"] == ["align_proxy@dpa-0", "reliance_proxy@dpa-0", "finetune_proxy@dpa-0",
                                    "merge_proxy@dpa-0", "evaluate_proxy@dpa-0"]

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, Tr
 from dpa_core.errors import DPAInputError
 from dpa_core.losses import LossConfig
 from dpa_core.modeling import build_llava, save_connector
-from dpa_core.stages import DataSource, LoraSettings, ModelPaths, align, finetune, merge, proxy_pretrain
+from dpa_core.stages import (DataSource, LoraSettings, ModelPaths, align, finetune, merge, proxy_pretrain,
+                             untrained_connector)
 from dpa_core.trainer import COMPLETE_MARKER, TrainSettings, mark_complete, prepare_work_dir
 from tests.tiny_models import make_llm
 
@@ -499,6 +500,17 @@ def test_global_batch_must_divide(world, tmp_path):
     with pytest.raises(DPAInputError, match="global_batch_size"):
         align(world["paths"], world["caps"], out, loss=LossConfig("cmo"), settings=bad, callbacks=[NeverTrain()])
     assert not out.exists()
+
+
+def test_untrained_connector_is_where_alignment_starts(align_run, world, tmp_path):
+    """The no-alignment control finetunes from the connector an aligned arm starts from."""
+    _, snap = align_run
+    res = untrained_connector(world["paths"], tmp_path / "u", seed=SETTINGS.seed)
+    saved = load_file(str(res.out_dir / "connector.safetensors"))
+    start = {n.split("multi_modal_projector.")[1]: t for n, t in snap.before.items() if _is_projector(n)}
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+    assert not all(torch.equal(saved[k], snap.after["model.multi_modal_projector." + k]) for k in saved)
+    assert json.loads((res.out_dir / "metrics.json").read_text()) == {"trained": 0}
 
 
 def test_same_configuration_gives_the_same_connector(world, tmp_path):
