@@ -113,11 +113,12 @@ def paired_difference(rows: dict, a: str, b: str, metric_fn) -> tuple[float, flo
 
 
 def alignment_sensitivity(control: str, diff) -> str:
-    """One sentence on control − baseline, where the control skipped alignment: whether the study
-    can see what alignment (and so DPA's proxy, which acts through it) changes."""
+    """One sentence on control − baseline, where the control skipped alignment: whether the
+    baseline's alignment pays at all here (DPA's proxy acts through alignment)."""
     if diff.inconclusive:
-        return (f"{control} (no alignment) is not distinguishable from {BASELINE} (CI covers 0): at this size the "
-                "study does not show an effect of alignment, so it cannot show one of DPA's proxy either.")
+        return (f"{control} (no alignment) is not distinguishable from {BASELINE} (CI covers 0): {BASELINE}'s "
+                "alignment brings no measurable gain over none at this size, so the study has no evidence "
+                "that a better alignment pays here.")
     if diff.ci_high < 0:
         return f"{control} (no alignment) scores below {BASELINE}: alignment pays here, so the study can see it."
     return (f"{control} (no alignment) scores above {BASELINE}: alignment as trained here costs accuracy, "

@@ -106,7 +106,7 @@ class Arm:
     proxy: bool
     loss: Literal["vanilla", "cmo", "cal"]
     # false: no alignment; the finetune starts from the connector the aligned arms start from,
-    # untrained (the control that tells whether the study can see what alignment changes).
+    # untrained (the control that tells whether alignment pays at all in the study).
     align: bool = True
 
     def __post_init__(self) -> None:

@@ -234,7 +234,7 @@ def test_cloze_is_its_own_table_with_paired_cis_and_stays_out_of_the_average(tmp
 
 
 @pytest.mark.parametrize("control_right, says", [
-    (lambda i, v: v, "is not distinguishable from vanilla (CI covers 0)"),
+    (lambda i, v: v, "is not distinguishable from vanilla (CI covers 0): vanilla's alignment brings no"),
     (lambda i, v: v and i % 2 == 0, "scores below vanilla: alignment pays here"),
 ])
 def test_the_no_alignment_control_says_whether_the_study_sees_alignment(tmp_path, control_right, says):
