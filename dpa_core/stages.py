@@ -181,8 +181,8 @@ def align(paths: ModelPaths, captions: Sequence[DataSource], out_dir: Path, *, l
 def untrained_connector(paths: ModelPaths, out_dir: Path, *, seed: int) -> StageResult:
     """The control for alignment: the connector an aligned arm starts from (seeded as `align` seeds
     it, before the model is built), saved untrained. An arm that finetunes from it skips LLaVA's
-    stage 1; if it scores as well as the aligned arms, the study cannot see what alignment, and so
-    DPA's proxy, changes."""
+    stage 1; if it scores as well as an aligned arm, that arm's alignment brings nothing measurable
+    in the study (and DPA's proxy acts through alignment)."""
     out_dir = Path(out_dir)
     set_seed(seed)
     model, _ = build_llava(paths.vision, paths.llm, image_token=paths.image_token,
