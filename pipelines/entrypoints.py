@@ -261,19 +261,18 @@ def align(p: Params, arm: str, seed: int) -> StageOutput:
     from dpa_core.stages import DataSource, align as align_stage, untrained_connector
 
     preflight(p)
-    use_proxy = p.arm(arm).proxy
-    mix_dir = _require(layout(p).mix(), "mix")
-    info = read_json(mix_dir / "mix.json")
     out = layout(p).align(arm, seed)
+    settings = p.train_settings("align", seed)
     if not p.arm(arm).align:  # the no-alignment control: the starting connector, untrained
-        settings = p.train_settings("align", seed)
         with tracked(p, "align", arm, seed, {"align": "skipped (arm align: false)", "seed": settings.seed}) as run:
             res = untrained_connector(model_paths(p), out, seed=settings.seed)
             run.metrics(res.metrics)
             write_json_atomic(layout(p).metrics("align", arm, seed), res.metrics)
             return StageOutput("align", out, res.metrics)
+    use_proxy = p.arm(arm).proxy
+    mix_dir = _require(layout(p).mix(), "mix")
+    info = read_json(mix_dir / "mix.json")
     lc = p.loss_config(arm, "align")
-    settings = p.train_settings("align", seed)
     with tracked(p, "align", arm, seed, {"align": _section_as_run(p.align, settings), "loss": asdict(lc),
                                          "proxy": use_proxy}) as run:
         res = align_stage(model_paths(p), [DataSource(mix_dir / "captions.json", Path(info["image_root"]))], out,
