@@ -1,6 +1,6 @@
 """The study's answer: every arm's scores per benchmark and category (generation and likelihood
 scoring), mean and spread over seeds, each arm against Vanilla as a paired difference with a 95%
-bootstrap CI over questions and seeds, the reference and text-oracle ceiling rows, and the
+CI over questions (bootstrap) and seeds (Student's t), the reference and text-oracle ceiling rows, and the
 image-reliance diagnostic. Written as markdown, CSV, DVC metrics/plots and a PNG chart."""
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     verdicts = collect_verdicts(p, layout)
 
     # Every trained arm against Vanilla: the seed-wise paired difference and, where per-question
-    # verdicts exist, the bootstrap CI over questions and seeds.
+    # verdicts exist, the CI over questions (bootstrap) and seeds (Student's t).
     others = [a for a in p.study.arms if a != BASELINE and a in rows] if BASELINE in rows else []
     diffs: dict[str, dict] = {}
     boots: dict[str, dict[str, PairedDifference]] = {}
@@ -278,7 +278,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     cloze_columns = [c for c in columns if scoring_mode(c) == CLOZE]
     md = io.StringIO()
     md.write(f"# DPA study: {p.profile} profile\n\nScores in %, mean ± std over seeds. "
-             f"Differences: mean [95% bootstrap CI over questions and seeds, {N_RESAMPLES} resamples].\n\n")
+             f"Differences: mean [95% CI: questions bootstrapped ({N_RESAMPLES} resamples); with several seeds, "
+             "the seeds' spread by Student's t].\n\n")
     _table(md, "Generation (greedy reply, option extracted)", gen_columns, table, arms, n_seeds, diffs, boots)
     _table(md, "Likelihood (highest option-letter log-probability)", lik_columns, table, arms, n_seeds, diffs, boots)
     _table(md, "Cloze (plain question; the option whose full answer is most likely, no letters)", cloze_columns,
