@@ -45,8 +45,9 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: 
     and 97.5th percentile.
 
     Seeds: with several, the training seeds are a small sample of runs, and resampling two or three
-    of them with replacement under-covers where seeds move the difference (simulated: 88% for a
-    nominal 95% with three seeds that move it by 5 points; tests/test_compare.py). So the CI is
+    of them with replacement under-covers where seeds move the difference (simulated: 88% and 79%
+    for a nominal 95% with three seeds that move it by 5 and 10 points; docs/evaluation.md,
+    tests/test_compare.py). So the CI is
     mean ± t · sqrt(se_q² + s² / S): se_q the question bootstrap's standard deviation, s² the
     variance of the S per-seed mean differences, t Student's quantile at the Welch-Satterthwaite
     degrees of freedom of the two parts (S - 1 where the seeds dominate, large where the questions
