@@ -82,11 +82,11 @@ def welch_df(var_a: float, df_a: int, var_b: float, df_b: int) -> float:
     return (var_a + var_b) ** 2 / denominator if denominator > 0 else math.inf
 
 
-def student_t_quantile(df: float, level: float = 0.95) -> float:
-    """Two-sided Student's t quantile (the normal one for infinite df)."""
+def student_t_quantile(df: float) -> float:
+    """Two-sided 95% Student's t quantile (the normal one, Z95, for infinite df)."""
     from scipy.stats import t  # scipy is in the pinned set (constraints.txt); imported here, as only compare needs it
 
-    return float(t.ppf(0.5 + level / 2, df)) if math.isfinite(df) else Z95
+    return float(t.ppf(0.975, df))
 
 
 def questions_needed(discordance: float, mean_difference: float = 0.0, half_width: float = 0.02) -> int:
