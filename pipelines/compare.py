@@ -236,16 +236,22 @@ def reliance_rows(p, layout) -> dict[str, dict[str, tuple[float, float, int]]]:
 
 
 def _reliance_table(md: io.StringIO, rel: dict) -> list[str]:
-    keys = sorted({k for r in rel.values() for k in r if "/n_" not in k})
+    keys = sorted({k for r in rel.values() for k in r if "/n_" not in k},
+                  key=lambda k: (k.startswith("reliance/text_oracle/"), k))
     if not keys:
         return []
+    arms = list(rel)
     md.write("## Image reliance after alignment\n\nMean over held-out caption tokens of log p(token | image, prefix) − "
-             "log p(token | prefix), in nats (mean ± std over seeds); content = tokens of content words "
-             "(colours, shapes, positions, counts, relations), style = all other tokens.\n\n")
-    md.write("| arm | " + " | ".join(k.removeprefix("reliance/") for k in keys) + " |\n|" + "---|" * (len(keys) + 1) + "\n")
-    for arm, r in rel.items():
-        cells = [(f"{r[k][0]:.3f}" + (f" ± {r[k][1]:.3f}" if r[k][2] > 1 else "")) if k in r else "–" for k in keys]
-        md.write(f"| {arm} | " + " | ".join(cells) + " |\n")
+             "log p(token | prefix), in nats (mean ± std over seeds), with the LLM each connector was aligned "
+             "against; content = tokens of content words (colours, shapes, positions, counts, relations; "
+             "content/<class> per class), style = all other tokens. text_oracle rows: the same with the scene "
+             "given as the LLM's own words in place of the image, what a perfect connector could give (the "
+             "alignment's ceiling).\n\n")
+    md.write("| measure | " + " | ".join(arms) + " |\n|" + "---|" * (len(arms) + 1) + "\n")
+    for k in keys:
+        cells = [(f"{rel[a][k][0]:.3f}" + (f" ± {rel[a][k][1]:.3f}" if rel[a][k][2] > 1 else "")) if k in rel[a] else "–"
+                 for a in arms]
+        md.write(f"| {k.removeprefix('reliance/')} | " + " | ".join(cells) + " |\n")
     md.write("\n")
     return keys
 

@@ -211,7 +211,7 @@ class Reliance:
     __pydantic_config__ = FORBID_UNKNOWN_KEYS
 
     captions: list[CaptionSet]  # held-out caption sets (LLaVA format)
-    content_words: Optional[str]  # JSON list of content words; None: the all-token mean only
+    content_words: Optional[str]  # JSON list of content words, or {class: [words]}; None: the all-token mean only
     limit: Optional[int]
     batch_size: int
     max_length: int

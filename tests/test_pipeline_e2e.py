@@ -66,6 +66,9 @@ def test_every_stage_wrote_its_outputs(study):
         reliance = json.loads((o / f"metrics/reliance-{arm}-seed0.json").read_text())
         assert {f"reliance/{style}/{kind}" for style in ("terse", "verbose") for kind in ("all", "content", "style")} \
             <= set(reliance)
+        # per word class, and the text oracle (the world's held-out captions carry the scene in words)
+        assert {f"reliance/{pre}{style}/content/{c}" for pre in ("", "text_oracle/") for style in ("terse", "verbose")
+                for c in ("colour", "shape")} <= set(reliance)
     ceiling = json.loads((o / "eval_reference/ceiling/scores.json").read_text())
     assert {"toy_mcq/overall", "toy_mcq/lik/overall"} <= set(ceiling)
     diag = json.loads((o / "metrics/diagnose-seed0.json").read_text())

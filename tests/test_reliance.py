@@ -16,7 +16,7 @@ from dpa_core.image_free import reference_logits
 from dpa_core.losses import IGNORE_INDEX
 from dpa_core.modeling import build_llava, save_connector
 from dpa_core.reliance import (CaptionSet, connector_reliance, content_flags, flat_reliance, image_reliance,
-                               load_content_words, token_reliance)
+                               load_content_words, text_oracle_reliance, token_classes, token_reliance)
 from dpa_core.stages import ModelPaths, load_proxy_llm
 
 CAPTIONS = ["a red circle and a small blue square.", "Verily, a large green triangle doth gleam at the top left!",
@@ -97,6 +97,7 @@ def test_image_reliance_means_and_counts(llava, captions):
     # without a word list: the all-token mean only
     plain = image_reliance(model, processor, [cs], num_image_tokens=16, content_words=None, batch_size=2)["mixed"]
     assert "content" not in plain and plain["all"] == pytest.approx(res["all"], abs=1e-5)
+    assert not any(k.startswith("content/") for k in res)  # a plain word list has no classes
     flat = flat_reliance({"mixed": res})
     assert flat["reliance/mixed/content"] == res["content"]
 
@@ -129,3 +130,88 @@ def test_connector_reliance_uses_the_proxy_llm(tiny_paths, captions, tmp_path):
     direct = image_reliance(built, processor, [cs], num_image_tokens=16, content_words=load_content_words(words_file),
                             batch_size=2)["mixed"]
     assert proxy == pytest.approx(direct, abs=1e-5)
+
+
+CLASSES = {"colour": ["red", "blue", "green", "purple"], "shape": ["circle", "square", "triangle"],
+           "where": ["top left", "bottom right"], "size": ["small", "large"]}
+SCENES = ["a red circle. a small blue square.", "a large green triangle at the top left.",
+          "a small purple square at the bottom right."]
+
+
+@pytest.fixture(scope="module")
+def with_scenes(tiny_paths, tmp_path_factory):
+    """The held-out captions with the scene in words on two of the three records, and a word-class file."""
+    d = tmp_path_factory.mktemp("heldout_scenes")
+    images = sorted(p.name for p in tiny_paths["images"].iterdir())
+    records = [{"id": f"h{i}", "image": images[i], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": c}]}
+        | ({"scene_text": SCENES[i]} if i != 1 else {}) for i, c in enumerate(CAPTIONS)]
+    (d / "captions.json").write_text(json.dumps(records))
+    (d / "classes.json").write_text(json.dumps(CLASSES))
+    return CaptionSet("mixed", d / "captions.json", tiny_paths["images"]), d / "classes.json"
+
+
+def test_word_classes_split_the_content_mean(llava, with_scenes):
+    model, processor = llava
+    cs, classes_file = with_scenes
+    words = load_content_words(classes_file)
+    assert words["top"] == words["left"] == "where" and words["red"] == "colour"
+    tok = processor.tokenizer
+    caption = "Verily, a large green triangle doth gleam!"
+    enc = tok(caption, add_special_tokens=False, return_offsets_mapping=True)
+    spelled = {c: "".join(caption[s:e] for (s, e), k in zip(enc["offset_mapping"], token_classes(tok, caption, words))
+                          if k == c).strip() for c in ("size", "colour", "shape")}
+    assert spelled == {"size": "large", "colour": "green", "shape": "triangle"}
+    res = image_reliance(model, processor, [cs], num_image_tokens=16, content_words=words, batch_size=2)["mixed"]
+    classes = [k.removeprefix("content/") for k in res if k.startswith("content/")]
+    assert set(classes) == {"colour", "shape", "where", "size"}
+    assert sum(res[f"n_tokens_content/{c}"] for c in classes) == res["n_tokens_content"]
+    weighted = sum(res[f"content/{c}"] * res[f"n_tokens_content/{c}"] for c in classes) / res["n_tokens_content"]
+    assert res["content"] == pytest.approx(weighted)
+    # the same words as a plain list give the same content mean
+    flat_words = load_content_words(classes_file).keys()
+    assert content_flags(tok, caption, flat_words) == [c is not None for c in token_classes(tok, caption, words)]
+
+
+def test_a_word_in_two_classes_is_refused(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"colour": ["red"], "hue": ["red", "blue"]}))
+    with pytest.raises(DPAInputError, match="two classes") as err:
+        load_content_words(tmp_path / "c.json")
+    assert "c.json" in str(err.value) and "Fix:" in str(err.value)
+    (tmp_path / "e.json").write_text(json.dumps({"colour": []}))
+    with pytest.raises(DPAInputError, match="in class 'colour'"):
+        load_content_words(tmp_path / "e.json")
+
+
+def test_text_oracle_is_the_llm_reading_the_scene_in_words(tiny_paths, llava, with_scenes):
+    """o_j = log p(y_j | scene text, prefix) - log p(y_j | prefix), recomputed here with the bare causal LM
+    token by token; records without a scene text are left out; the image does not enter."""
+    model, processor = llava
+    cs, classes_file = with_scenes
+    words = load_content_words(classes_file)
+    res = image_reliance(model, processor, [cs], num_image_tokens=16, content_words=words, batch_size=2)
+    oracle = res["text_oracle/mixed"]
+    assert oracle["n_captions"] == 2
+    lm = AutoModelForCausalLM.from_pretrained(tiny_paths["llm"]).eval()
+    tok = processor.tokenizer
+    assert getattr(tok, "bos_token_id", None) is None  # Qwen-style: the first caption token has no prefix
+    values, kinds = [], []
+    for i in (0, 2):
+        ids = tok(CAPTIONS[i], add_special_tokens=False)["input_ids"]
+        ctx = tok(SCENES[i] + "\n", add_special_tokens=False)["input_ids"]
+        for j in range(1, len(ids)):
+            with torch.no_grad():
+                a = lm(torch.tensor([ctx + ids[:j]])).logits[0, -1].log_softmax(-1)[ids[j]]
+                b = lm(torch.tensor([ids[:j]])).logits[0, -1].log_softmax(-1)[ids[j]]
+            values.append(float(a - b))
+        kinds += token_classes(tok, CAPTIONS[i], words)[1:]
+    assert oracle["n_tokens_all"] == len(values) and oracle["n_tokens_without_prefix"] == 2
+    assert oracle["all"] == pytest.approx(sum(values) / len(values), abs=1e-4)
+    colour = [v for v, k in zip(values, kinds) if k == "colour"]
+    assert oracle["content/colour"] == pytest.approx(sum(colour) / len(colour), abs=1e-4)
+    # the bare LM gives the same numbers as the Llava model it sits in (no image anywhere)
+    again = text_oracle_reliance(lm, tok, load_llava_records(cs.path, cs.image_root),
+                                 {"h0": SCENES[0], "h2": SCENES[2]}, words)
+    assert again == pytest.approx(oracle, abs=1e-4)
+    assert text_oracle_reliance(lm, tok, load_llava_records(cs.path, cs.image_root), {}, words) is None
+    assert flat_reliance(res)["reliance/text_oracle/mixed/all"] == oracle["all"]

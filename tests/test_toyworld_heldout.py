@@ -57,7 +57,15 @@ def test_heldout_captions_show_the_benchmark_scenes_in_both_styles(world):
     # a verbose caption names every object of its scene
     for rec, scene in zip(verbose, data.bench):
         assert all(f"{o.color} {o.shape}" in rec["conversations"][1]["value"] for o in scene.objects)
-    assert json.loads((root / "heldout" / "content_words.json").read_text()) == sorted(CONTENT_WORDS)
+    classes = json.loads((root / "heldout" / "content_words.json").read_text())
+    assert {w for words in classes.values() for w in words} == CONTENT_WORDS
+    assert sum(map(len, classes.values())) == len(CONTENT_WORDS)  # every word in one class
+    assert {o.color for s in data.bench for o in s.objects} <= set(classes["colour"])
+    # the text oracle's input: each held-out record carries its scene in the LLM's own words
+    for style in ("terse", "verbose"):
+        raw = json.loads((root / "heldout" / f"captions_{style}.json").read_text())
+        assert [r["scene_text"] for r in raw] == [language.own_style(s) for s in data.bench]
+    assert all("scene_text" not in r for records in data.captions.values() for r in records)
 
 
 def test_heldout_files_are_deterministic(world, tmp_path):

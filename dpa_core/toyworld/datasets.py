@@ -15,7 +15,7 @@ from . import language
 from .draw import max_jitter, png_bytes, render
 from .facts import Person, make_people, text_bench
 from .questions import CATEGORIES, LETTERS, Question, ask, ask_each_category, format_mcq
-from .scenes import CONTENT_WORDS, Scene, sample_scenes
+from .scenes import CONTENT_WORD_CLASSES, CONTENT_WORDS, Scene, sample_scenes
 from .sizes import WorldSize
 
 CAPTION_PROMPTS = {"terse": "Describe the image briefly.", "verbose": "Describe the image in detail."}
@@ -76,6 +76,8 @@ def image_name(i: int) -> str:
 
 
 def caption_records(scenes: list[Scene], style: str, caption, rng: random.Random, split: str = "train") -> list[dict]:
+    """LLaVA-format caption records. Held-out ones (split != "train") also carry the scene in the LLM's
+    own words ("scene_text"), for the image-reliance diagnostic's text oracle."""
     prompt = CAPTION_PROMPTS[style]
     return [
         {
@@ -85,7 +87,7 @@ def caption_records(scenes: list[Scene], style: str, caption, rng: random.Random
                 {"from": "human", "value": f"<image>\n{prompt}"},
                 {"from": "gpt", "value": caption(scene, rng)},
             ],
-        }
+        } | ({} if split == "train" else {"scene_text": language.own_style(scene)})
         for i, scene in enumerate(scenes)
     ]
 
@@ -158,7 +160,7 @@ def write_world_data(root: Path, data: WorldData, image_size: int) -> dict[str, 
     _dump_json(root / "instruct" / "train.json", data.instruct)
     for style, records in data.heldout_captions.items():
         _dump_json(root / "heldout" / f"captions_{style}.json", records)
-    _dump_json(root / "heldout" / "content_words.json", sorted(CONTENT_WORDS))
+    _dump_json(root / "heldout" / "content_words.json", {k: list(v) for k, v in CONTENT_WORD_CLASSES.items()})
 
     lines = ["\t".join(TSV_COLUMNS)]
     for row in data.bench_rows:

@@ -28,10 +28,17 @@ ALL_POSITIONS = tuple(p for row in POSITIONS for p in row)
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = ("one", "two", "three", "four")
 # Words that carry visual content; everything else in a caption is style or grammar.
-CONTENT_WORDS = frozenset(
-    [*COLORS, *SHAPES, *SIZE_WORDS, *(w for p in ALL_POSITIONS for w in p.split()),
-     "left", "right", "above", "below", *NUMBER_WORDS, "shape", "shapes"]
-)
+# By class, for the image-reliance diagnostic's per-class means (dpa_core/reliance.py): "object" is the
+# generic noun, which a caption's count decides ("one shape", "two shapes").
+CONTENT_WORD_CLASSES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLORS),
+    "shape": SHAPES,
+    "size": SIZE_WORDS,
+    "position": tuple(sorted({w for p in (*ALL_POSITIONS, *RELATIONS) for w in p.split()} - {"of"})),
+    "count": NUMBER_WORDS,
+    "object": ("shape", "shapes"),
+}
+CONTENT_WORDS = frozenset(w for words in CONTENT_WORD_CLASSES.values() for w in words)
 
 
 @dataclass(frozen=True)
