@@ -23,9 +23,10 @@ in place of the image:
     o_j = log p(y_j | scene text, prefix) - log p(y_j | prefix)
 
 with the same LLM and no vision tower: what a connector that handed the LLM the scene as its own
-words would give. It is the alignment's ceiling, as the text-oracle row is the benchmark's: a
-frozen LLM that does not copy from its context into a caption cannot be taught to read the image
-by training the connector alone, whatever the loss.
+words would give. It asks whether the frozen LLM copies what its context says into a caption at
+all; where it does not (o_j <= 0 on colour and shape), training the connector alone has no
+word-reading circuit to feed, whatever the loss. It is a reference point, not a bound: a trained
+connector's tokens are not restricted to words and can do somewhat better.
 
 A token belongs to the words its characters overlap (tokenizer offsets); it is a content token when
 one of them is a content word. The end-of-sequence token is not a caption token and is left out,

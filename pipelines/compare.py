@@ -245,8 +245,8 @@ def _reliance_table(md: io.StringIO, rel: dict) -> list[str]:
              "log p(token | prefix), in nats (mean ± std over seeds), with the LLM each connector was aligned "
              "against; content = tokens of content words (colours, shapes, positions, counts, relations; "
              "content/<class> per class), style = all other tokens. text_oracle rows: the same with the scene "
-             "given as the LLM's own words in place of the image, what a perfect connector could give (the "
-             "alignment's ceiling).\n\n")
+             "given as the LLM's own words in place of the image: does the frozen LLM copy what its context "
+             "says into a caption at all (a reference point, not a bound).\n\n")
     md.write("| measure | " + " | ".join(arms) + " |\n|" + "---|" * (len(arms) + 1) + "\n")
     for k in keys:
         cells = [(f"{rel[a][k][0]:.3f}" + (f" ± {rel[a][k][1]:.3f}" if rel[a][k][2] > 1 else "")) if k in rel[a] else "–"
