@@ -58,7 +58,7 @@ def _bytes_on_disk(root: Path) -> dict[str, int]:
 DATA_ONLY_FIELDS = frozenset({"min_instruct_turns", "max_instruct_turns", "ppl_texts", "verbose_style"})
 BASE_MANIFEST = "manifest.json"
 # Size fields added after base models were shipped, with the value that changes nothing.
-FIELDS_ADDED_LATER = {"llm_first_lessons_steps": 0}
+FIELDS_ADDED_LATER = {"llm_first_lessons_steps": 0, "llm_scene_recap": 0.0}
 PROBE_SCENES = 240  # benchmark scenes the reading probe asks about (one question per category each)
 
 

@@ -43,6 +43,15 @@ def _scene_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[dict[st
     return messages
 
 
+def _scene_doc(ws: WorldSize, scene: Scene, rng: random.Random) -> str:
+    """A plain scene document; with probability ws.llm_scene_recap a recap: the full description, then
+    the scene again in another own-style form (objects in another order), as a caption follows its
+    image. At 0 no random number is drawn, so the corpus is the one the shipped models saw."""
+    if ws.llm_scene_recap and rng.random() < ws.llm_scene_recap:
+        return f"{language.own_style(scene)}\n{language.own_style_any(scene, rng)}"
+    return language.own_style_any(scene, rng)
+
+
 def _fact_turns(people: list[Person], rng: random.Random, n_turns: int) -> list[dict[str, str]]:
     messages = []
     for _ in range(n_turns):
@@ -56,7 +65,7 @@ def llm_corpus(ws: WorldSize, rng: random.Random, people: list[Person], exclude_
     in exclude_keys (the benchmark's) never appear, so own-style text about them stays held out."""
     docs = []
     scenes = sample_scenes(rng, ws.n_llm_scene_docs, ws.max_objects, max_jitter(ws.image_size), exclude=exclude_keys)
-    docs += [language.own_style_any(s, rng) for s in scenes]
+    docs += [_scene_doc(ws, s, rng) for s in scenes]
     for _ in range(ws.n_llm_fact_docs):
         # A dense fact sheet about a few people; each fact as a statement or as an FAQ line, so
         # it is known in more than one frame.
@@ -89,7 +98,7 @@ def first_lessons(ws: WorldSize, rng: random.Random, exclude_keys: set) -> list[
     attention models form copying heads quickly on data where copying pays, and keep them."""
     jitter = max_jitter(ws.image_size)
     n_scene, n_chat = ws.n_llm_scene_docs // 3, ws.n_llm_chat_docs // 3
-    docs = [language.own_style_any(s, rng) for s in sample_scenes(rng, n_scene, 1, jitter, exclude=exclude_keys)]
+    docs = [_scene_doc(ws, s, rng) for s in sample_scenes(rng, n_scene, 1, jitter, exclude=exclude_keys)]
     docs += [render_chat(_scene_turns(s, rng, rng.randint(*SCENE_CHAT_TURNS)))
              for s in sample_scenes(rng, n_chat, 1, jitter, exclude=exclude_keys)]
     rng.shuffle(docs)

@@ -50,6 +50,12 @@ class WorldSize:
     # descriptions and chats (corpus.first_lessons), where copying a word out of the context is the
     # only way to predict an answer; 0: no such phase (the shipped default-seed0 models).
     llm_first_lessons_steps: int
+    # The share (0..1) of plain scene documents that are recaps: the full description, then the same
+    # scene again in another own-style form, the way a caption follows its image. 0: none (the shipped
+    # default-seed0 models). Measured: the shipped LLM, handed a scene in words, does not copy its
+    # colours and shapes into a description that follows (docs/toyworld.md, "Alignment teaches no
+    # visual words"), which is what LLaVA's alignment asks of a frozen LLM.
+    llm_scene_recap: float
     # vision tower (CLIPModel, trained contrastively)
     clip_patch: int
     clip_hidden: int
@@ -74,6 +80,7 @@ SIZES: dict[str, WorldSize] = {
         verbose_style=1.0, vocab_size=768,
         llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=192,
         llm_max_positions=512, llm_block=128, llm_batch=16, llm_steps=300, llm_lr=6e-3, llm_first_lessons_steps=0,
+        llm_scene_recap=0.0,
         clip_patch=8, clip_hidden=64, clip_layers=2, clip_heads=2, clip_intermediate=128,
         clip_projection=32, clip_text_max_len=48, clip_batch=64, clip_steps=100, clip_lr=1e-3,
         ppl_texts=48,
@@ -94,6 +101,7 @@ SIZES: dict[str, WorldSize] = {
         verbose_style=1.0, vocab_size=1024,
         llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
         llm_max_positions=512, llm_block=256, llm_batch=16, llm_steps=4000, llm_lr=3e-3, llm_first_lessons_steps=1000,
+        llm_scene_recap=0.0,
         clip_patch=20, clip_hidden=96, clip_layers=3, clip_heads=4, clip_intermediate=192,
         clip_projection=64, clip_text_max_len=48, clip_batch=128, clip_steps=400, clip_lr=1e-3,
         ppl_texts=200,
@@ -133,8 +141,8 @@ def _check(ws: WorldSize) -> None:
             need(ws.n_llm_florid_docs >= 0, "n_llm_florid_docs must not be negative")
         elif f.name == "llm_first_lessons_steps":
             need(0 <= ws.llm_first_lessons_steps < ws.llm_steps, "llm_first_lessons_steps must be in 0..llm_steps-1")
-        elif f.name == "verbose_style":
-            need(0.0 <= ws.verbose_style <= 1.0, "verbose_style must be in 0..1")
+        elif f.name in ("verbose_style", "llm_scene_recap"):
+            need(0.0 <= getattr(ws, f.name) <= 1.0, f"{f.name} must be in 0..1")
         else:
             need(getattr(ws, f.name) > 0, f"{f.name} must be positive")
     need(1 <= ws.max_objects <= 4, "max_objects must be 1..4")
