@@ -177,7 +177,7 @@ def test_sizes_and_overrides():
     for size, overrides in [("huge", None), ("smoke", {"no_such_field": 1}), ("smoke", {"llm_steps": 1.5}),
                             ("smoke", {"image_size": 30}), ("smoke", {"llm_steps": 0}),
                             ("smoke", {"n_llm_florid_docs": -1}), ("smoke", {"llm_first_lessons_steps": 300}),
-                            ("smoke", {"llm_first_lessons_steps": -1})]:
+                            ("smoke", {"llm_first_lessons_steps": -1}), ("smoke", {"llm_scene_recap": 1.5})]:
         with pytest.raises(DPAInputError):
             resolve_size(size, overrides)
     with pytest.raises(DPAInputError):
@@ -291,13 +291,14 @@ def test_first_lessons_corpus_and_phase(tmp_path):
     # the field at 0 leaves the fingerprint as it was; any other value changes it
     plain = resolve_size("smoke")
     legacy = {k: v for k, v in dataclasses.asdict(plain).items()
-              if k not in build_mod.DATA_ONLY_FIELDS and k != "llm_first_lessons_steps"}
+              if k not in build_mod.DATA_ONLY_FIELDS and k not in ("llm_first_lessons_steps", "llm_scene_recap")}
     import hashlib
     want = hashlib.sha256(json.dumps({"seed": 0, "settings": legacy, "bench_keys": sorted(repr(k) for k in bench)},
                                      sort_keys=True).encode()).hexdigest()
     assert build_mod.base_fingerprint(plain, 0, data.bench) == want
     lesson_ws = dataclasses.replace(plain, llm_first_lessons_steps=10)
     assert build_mod.base_fingerprint(lesson_ws, 0, data.bench) != want
+    assert build_mod.base_fingerprint(dataclasses.replace(plain, llm_scene_recap=0.5), 0, data.bench) != want
     assert tokenized_corpus(tok, ["a b<|endoftext|>"]).loss_mask.all()
 
 
@@ -318,3 +319,35 @@ def test_reading_probe_in_checks_and_learning_curve(world, tmp_path):
     assert [c["step"] for c in probed["llm_reading_curve"]] == [2, 4]
     for rel in ("llm/model.safetensors", "clip/model.safetensors"):
         assert (tmp_path / "plain" / rel).read_bytes() == (tmp_path / "probed" / rel).read_bytes(), rel
+
+
+def test_scene_recaps_tell_the_same_scene_twice():
+    """llm_scene_recap: that share of the plain scene documents is the full description, then the same
+    scene again in another own-style form; at 0 the corpus is the one without the field (no random
+    number drawn), so the shipped models' corpus is unchanged."""
+    import random
+
+    from dpa_core.toyworld.corpus import llm_corpus
+    from dpa_core.toyworld.datasets import make_world_data
+    from dpa_core.toyworld.scenes import COLORS, SHAPES
+
+    ws = resolve_size("smoke", {"n_llm_chat_docs": 1, "n_llm_fact_docs": 1})
+    data = make_world_data(ws, 0)
+    bench = {s.key() for s in data.bench}
+    plain = llm_corpus(ws, random.Random(0), data.people, bench)
+    full = llm_corpus(resolve_size(ws, {"llm_scene_recap": 1.0}), random.Random(0), data.people, bench)
+    half = llm_corpus(resolve_size(ws, {"llm_scene_recap": 0.5}), random.Random(0), data.people, bench)
+
+    def recaps(docs):
+        return [d.removesuffix("<|endoftext|>").split("\n") for d in docs
+                if "\n" in d and "<|im_start|>" not in d]
+
+    assert not recaps(plain)
+    told_twice = recaps(full)
+    assert len(told_twice) == ws.n_llm_scene_docs
+    for first, second in told_twice:
+        assert first.startswith(("there is one shape.", "there are ")) and " is at the " in first
+        words = lambda t: {w for w in t.replace(".", " ").replace(",", " ").replace(":", " ").split()
+                           if w in COLORS or w in SHAPES}
+        assert words(second) == words(first)  # the same objects, told again
+    assert 0.4 * ws.n_llm_scene_docs < len(recaps(half)) < 0.6 * ws.n_llm_scene_docs
