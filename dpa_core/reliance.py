@@ -176,13 +176,22 @@ def caption_set_reliance(model, processor, records, encoder: Encoder, content_wo
     return tally.result() | {"n_captions": len(records), "n_tokens_without_prefix": skipped}
 
 
+def _caption_logprobs(lm, prefix: list[int], ids: list[int]) -> torch.Tensor:
+    """log p(ids[j] | prefix, ids[:j]) for every j with something before it (j >= 1 when prefix is empty)."""
+    device = next(lm.parameters()).device
+    x = torch.tensor([prefix + ids], device=device)
+    logp = lm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float().log_softmax(-1)
+    first = 0 if prefix else 1
+    rows = torch.arange(len(prefix) + first - 1, len(prefix) + len(ids) - 1, device=device)
+    return logp[rows, torch.tensor(ids[first:], device=device)]
+
+
 @torch.no_grad()
 def text_oracle_reliance(lm, tokenizer, records, scene_texts: Mapping[str, str], content_words: Mapping[str, str] | None
                          ) -> dict[str, float] | None:
     """The text oracle over one caption set (module docstring): o_j for every caption token of the records
     that have a scene text, with `lm` (a causal LM, or the Llava model without images). None when no
-    record has one. The scene text takes the image's place: bos?, scene text + newline, caption."""
-    device = next(lm.parameters()).device
+    record has one. The scene text takes the image's place: [bos], scene text + newline, caption."""
     bos = getattr(tokenizer, "bos_token_id", None)
     head = [bos] if bos is not None and bos != tokenizer.eos_token_id else []
     tally = _Tally(content_words)
@@ -193,21 +202,13 @@ def text_oracle_reliance(lm, tokenizer, records, scene_texts: Mapping[str, str],
             continue
         caption = rec.caption.strip()
         ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
-        context = head + tokenizer(scene + "\n", add_special_tokens=False)["input_ids"]
-
-        def logprobs(prefix: list[int]) -> torch.Tensor:  # log p(caption token j | prefix, caption[:j]), j >= 1 or 0
-            x = torch.tensor([prefix + ids], device=device)
-            logp = lm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float().log_softmax(-1)
-            first = 0 if prefix else 1
-            rows = torch.arange(len(prefix) + first - 1, len(prefix) + len(ids) - 1, device=device)
-            return logp[rows, torch.tensor(ids[first:], device=device)]
-
-        free = logprobs(head)  # every caption token has a prediction when there is a bos, else from the second on
-        oracle = logprobs(context)[len(ids) - len(free):]
-        classes = token_classes(tokenizer, caption, content_words or {})
-        skipped += len(ids) - len(free)
-        for value, cls in zip((oracle - free).tolist(), classes[len(ids) - len(free):]):
+        free = _caption_logprobs(lm, head, ids)  # without a bos the first caption token has no prediction
+        lost = len(ids) - len(free)
+        oracle = _caption_logprobs(lm, head + tokenizer(scene + "\n", add_special_tokens=False)["input_ids"], ids)[lost:]
+        classes = token_classes(tokenizer, caption, content_words or {})[lost:]
+        for value, cls in zip((oracle - free).tolist(), classes):
             tally.add(value, cls)
+        skipped += lost
         used += 1
     if not used:
         return None
