@@ -45,8 +45,9 @@ def _scene_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[dict[st
 
 def _scene_doc(ws: WorldSize, scene: Scene, rng: random.Random) -> str:
     """A plain scene document; with probability ws.llm_scene_recap a recap: the full description, then
-    the scene again in another own-style form (objects in another order), as a caption follows its
-    image. At 0 no random number is drawn, so the corpus is the one the shipped models saw."""
+    the scene told again in one of the own-style forms (`own_style_any`: the full description again or a
+    shorter mention with the objects shuffled), as a caption follows its image. At 0 no random number is
+    drawn, so the corpus is the one the shipped models saw."""
     if ws.llm_scene_recap and rng.random() < ws.llm_scene_recap:
         return f"{language.own_style(scene)}\n{language.own_style_any(scene, rng)}"
     return language.own_style_any(scene, rng)

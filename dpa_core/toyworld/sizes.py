@@ -51,7 +51,7 @@ class WorldSize:
     # only way to predict an answer; 0: no such phase (the shipped default-seed0 models).
     llm_first_lessons_steps: int
     # The share (0..1) of plain scene documents that are recaps: the full description, then the same
-    # scene again in another own-style form, the way a caption follows its image. 0: none (the shipped
+    # scene told again in an own-style form, the way a caption follows its image. 0: none (the shipped
     # default-seed0 models). Measured: the shipped LLM, handed a scene in words, does not copy its
     # colours and shapes into a description that follows (docs/toyworld.md, "Alignment teaches no
     # visual words"), which is what LLaVA's alignment asks of a frozen LLM.
