@@ -323,7 +323,7 @@ def test_reading_probe_in_checks_and_learning_curve(world, tmp_path):
 
 def test_scene_recaps_tell_the_same_scene_twice():
     """llm_scene_recap: that share of the plain scene documents is the full description, then the same
-    scene again in another own-style form; at 0 the corpus is the one without the field (no random
+    scene told again in an own-style form; at 0 the corpus is the one without the field (no random
     number drawn), so the shipped models' corpus is unchanged."""
     import random
 
