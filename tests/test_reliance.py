@@ -25,16 +25,21 @@ WORDS = ["red", "blue", "green", "purple", "circle", "square", "triangle", "smal
          "bottom right"]
 
 
-@pytest.fixture(scope="module")
-def captions(tiny_paths, tmp_path_factory):
-    d = tmp_path_factory.mktemp("heldout")
-    images = sorted(p.name for p in tiny_paths["images"].iterdir())
+def write_heldout(d, image_root, words, scene_texts=None):
+    """CAPTIONS as a held-out caption set in d (record i carries scene_texts[i] where given) and the word file."""
+    images = sorted(p.name for p in image_root.iterdir())
     records = [{"id": f"h{i}", "image": images[i], "conversations": [
         {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": c}]}
+        | ({"scene_text": scene_texts[i]} if scene_texts and scene_texts.get(i) else {})
         for i, c in enumerate(CAPTIONS)]
     (d / "captions.json").write_text(json.dumps(records))
-    (d / "words.json").write_text(json.dumps(WORDS))
-    return CaptionSet("mixed", d / "captions.json", tiny_paths["images"]), d / "words.json"
+    (d / "words.json").write_text(json.dumps(words))
+    return CaptionSet("mixed", d / "captions.json", image_root), d / "words.json"
+
+
+@pytest.fixture(scope="module")
+def captions(tiny_paths, tmp_path_factory):
+    return write_heldout(tmp_path_factory.mktemp("heldout"), tiny_paths["images"], WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +146,8 @@ SCENES = ["a red circle. a small blue square.", "a large green triangle at the t
 @pytest.fixture(scope="module")
 def with_scenes(tiny_paths, tmp_path_factory):
     """The held-out captions with the scene in words on two of the three records, and a word-class file."""
-    d = tmp_path_factory.mktemp("heldout_scenes")
-    images = sorted(p.name for p in tiny_paths["images"].iterdir())
-    records = [{"id": f"h{i}", "image": images[i], "conversations": [
-        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": c}]}
-        | ({"scene_text": SCENES[i]} if i != 1 else {}) for i, c in enumerate(CAPTIONS)]
-    (d / "captions.json").write_text(json.dumps(records))
-    (d / "classes.json").write_text(json.dumps(CLASSES))
-    return CaptionSet("mixed", d / "captions.json", tiny_paths["images"]), d / "classes.json"
+    return write_heldout(tmp_path_factory.mktemp("heldout_scenes"), tiny_paths["images"], CLASSES,
+                         {0: SCENES[0], 2: SCENES[2]})
 
 
 def test_word_classes_split_the_content_mean(llava, with_scenes):
