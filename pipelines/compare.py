@@ -22,8 +22,9 @@ from dpa_core.io import atomic_dir, read_json, write_json_atomic, write_text_ato
 
 AVERAGE = "average"
 BASELINE = "vanilla"
-REFERENCE, CEILING = "reference", "ceiling"
-LABELS = {REFERENCE: "reference (untrained connector)", CEILING: "ceiling (text oracle)"}
+REFERENCE, CEILING, PROXY_CEILING = "reference", "ceiling", "proxy_ceiling"
+LABELS = {REFERENCE: "reference (untrained connector)", CEILING: "ceiling (text oracle)",
+          PROXY_CEILING: "proxy LLM, text oracle (what PMO kept)"}
 N_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 TARGET_HALF_WIDTH = 0.02  # the CI half-width the question count is sized for (2 points)
 
@@ -46,7 +47,8 @@ def numeric_scores(path: Path) -> dict[str, float]:
 
 
 def collect(p, layout) -> dict[str, dict[int, dict[str, float]]]:
-    """{arm: {seed: {metric: value}}}; the reference and ceiling rows under 'reference' and 'ceiling' (seed 0)."""
+    """{arm: {seed: {metric: value}}}; the reference and ceiling rows under 'reference' and 'ceiling' (seed 0),
+    and the proxy LLM's text oracle (the diagnose stage, one per seed) under 'proxy_ceiling'."""
     rows: dict[str, dict[int, dict[str, float]]] = {}
     for arm in p.study.arms:
         for seed in p.study.seeds:
@@ -63,6 +65,11 @@ def collect(p, layout) -> dict[str, dict[int, dict[str, float]]]:
     ceiling = layout.eval_ceiling() / "scores.json"
     if p.evaluate.reference_row and ceiling.is_file():
         rows[CEILING] = {0: numeric_scores(ceiling)}
+    # What the proxy stage kept of the base LLM's reading, where the diagnose stage asked it.
+    proxy = {s: scores for s in p.study.seeds
+             if (f := layout.diagnose(s) / "scores.json").is_file() and (scores := numeric_scores(f))}
+    if proxy and CEILING in rows:
+        rows[PROXY_CEILING] = proxy
     return rows
 
 
@@ -404,7 +411,8 @@ def chart(table: dict, columns: list[str], boots: dict, path: Path, title: str) 
                              squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(len(arms), 1)
-    fixed = {"dpa": "#1f77b4", BASELINE: "#ff7f0e", REFERENCE: "#9e9e9e", CEILING: "#2ca02c"}
+    fixed = {"dpa": "#1f77b4", BASELINE: "#ff7f0e", REFERENCE: "#9e9e9e", CEILING: "#2ca02c",
+             PROXY_CEILING: "#98df8a"}
     spare = iter(["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"] * 4)
     colours = {arm: fixed.get(arm) or next(spare) for arm in arms}
     for i, arm in enumerate(arms):

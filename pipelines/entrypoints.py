@@ -230,11 +230,15 @@ def proxy(p: Params, seed: int) -> StageOutput:
 
 
 def diagnose(p: Params, seed: int) -> StageOutput:
-    """Perplexity of the base and the proxy LLM on each caption source's held-out text."""
+    """The proxy stage's two jobs, measured: perplexity of the base and the proxy LLM on each caption
+    source's held-out text (did it learn the captions' language?), and the text-oracle ceiling answered
+    by the proxy LLM (did it keep what the base LLM could read from a scene told in words?)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpa_core.data import load_text_records
     from dpa_core.diagnose import perplexity_by_source
+    from dpa_core.evaluation.evaluate import evaluate_text_oracles
+    from dpa_core.io import atomic_dir
     from dpa_core.stages import load_proxy_llm
 
     out = layout(p).diagnose(seed)
@@ -249,9 +253,21 @@ def diagnose(p: Params, seed: int) -> StageOutput:
         tok.pad_token = tok.eos_token
     with tracked(p, "diagnose", None, seed, {"seed": seed}) as run:
         base = perplexity_by_source(AutoModelForCausalLM.from_pretrained(p.model.llm), tok, holdout)
-        prox = perplexity_by_source(load_proxy_llm(Path(p.model.llm), adapter), tok, holdout)
+        proxy_llm = load_proxy_llm(Path(p.model.llm), adapter)
+        prox = perplexity_by_source(proxy_llm, tok, holdout)
         metrics = {**{f"ppl/base/{k}": v for k, v in base.items()}, **{f"ppl/proxy/{k}": v for k, v in prox.items()},
                    **{f"ppl/proxy_over_base/{k}": prox[k] / base[k] for k in base}}
+        # The base LLM's own ceiling is the evaluate_reference stage's; compare shows the two rows together.
+        ceiling = evaluate_text_oracles(p.model.llm, _benchmarks(p), out, batch_size=p.evaluate.batch_size,
+                                        max_new_tokens=p.evaluate.max_new_tokens, limit=p.evaluate.limit,
+                                        language_model=proxy_llm, provenance={"proxy_adapter": str(adapter.resolve())})
+        if ceiling is None:  # no benchmark carries scene text: nothing to ask the proxy
+            with atomic_dir(out) as tmp:
+                write_json_atomic(tmp / "scores.json", {})
+        else:
+            metrics |= {f"text_oracle/proxy/{k}": v for k, v in ceiling.items()
+                        if isinstance(v, (int, float)) and not k.startswith("meta/")}
+            run.artifact(out / "scores.json")
         write_json_atomic(layout(p).metrics("diagnose", None, seed), metrics)
         run.metrics(metrics)
         return StageOutput("diagnose", out, metrics)

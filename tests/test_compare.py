@@ -39,6 +39,31 @@ def test_average_only_over_rows_with_every_benchmark(tmp_path):
     assert m["ceiling/toy_mcq/overall"] == 0.9
 
 
+def test_proxy_ceiling_row_per_seed_under_the_ceiling(tmp_path):
+    """The diagnose stage's text oracle answered by the proxy LLM: one row, mean ± std over the seeds
+    that have it, under the base LLM's ceiling; no row without the ceiling it is read against."""
+    p = two_arms({"study.seeds": [0, 1], "evaluate.reference_row": True})
+    lay = Layout(tmp_path / "outputs")
+    for seed in (0, 1):
+        write_scores(lay, "dpa", seed, {"toy_mcq/overall": 0.6})
+        write_scores(lay, "vanilla", seed, {"toy_mcq/overall": 0.5})
+    for seed, score in ((0, 0.7), (1, 0.5)):
+        lay.diagnose(seed).mkdir(parents=True)
+        (lay.diagnose(seed) / "scores.json").write_text(json.dumps({"toy_mcq/overall": score, "meta/x": 1}))
+    m = build_comparison(p, lay, lay.compare())["metrics"]
+    assert "proxy_ceiling/toy_mcq/overall" not in m  # no base ceiling yet
+    lay.eval_ceiling().mkdir(parents=True)
+    (lay.eval_ceiling() / "scores.json").write_text(json.dumps({"toy_mcq/overall": 0.9}))
+    m = build_comparison(p, lay, lay.compare())["metrics"]
+    assert m["proxy_ceiling/toy_mcq/overall"] == pytest.approx(0.6)
+    assert m["proxy_ceiling/toy_mcq/overall/std"] == pytest.approx(0.1414, abs=1e-3)
+    assert "dpa_minus_vanilla/toy_mcq/overall" in m and not any(k.startswith("proxy_ceiling_minus") for k in m)
+    md = (lay.compare() / "comparison.md").read_text()
+    rows = [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ")]
+    assert rows.index("| proxy LLM, text oracle (what PMO kept)") == rows.index("| ceiling (text oracle)") + 1
+    assert "| proxy LLM, text oracle (what PMO kept) | 2 | 60.0 ± 14.1 |" in md
+
+
 def test_average_only_over_benchmarks_every_arm_has(tmp_path):
     """An optional benchmark skipped for one arm leaves the average (both arms' averages are over the
     same benchmarks) and the table says so."""

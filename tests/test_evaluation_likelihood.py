@@ -145,6 +145,26 @@ def test_text_oracle_with_the_real_llm(tiny_paths, tmp_path):
     assert alone == pytest.approx(reference_letter_logprobs(model, req), abs=1e-4)
 
 
+def test_text_chat_model_asks_the_lm_it_is_given(tiny_paths, tmp_path):
+    """The proxy LLM is asked in memory (the base LLM's tokenizer, its own weights): the same answers as
+    that LM saved and loaded, not the directory's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    changed = AutoModelForCausalLM.from_pretrained(tiny_paths["llm"])
+    with torch.no_grad():
+        for weight in changed.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    changed.save_pretrained(tmp_path / "changed")
+    AutoTokenizer.from_pretrained(tiny_paths["llm"]).save_pretrained(tmp_path / "changed")
+    req = GenerationRequest("there is one shape.\n" + mcq_prompt("q?", OPTIONS))
+    given = TextChatModel(tiny_paths["llm"], device="cpu", model=changed).option_logprobs([req], [list(OPTIONS)])[0]
+    saved = TextChatModel(tmp_path / "changed", device="cpu").option_logprobs([req], [list(OPTIONS)])[0]
+    own = TextChatModel(tiny_paths["llm"], device="cpu").option_logprobs([req], [list(OPTIONS)])[0]
+    assert given == pytest.approx(saved, abs=1e-5)
+    assert max(abs(given[k] - own[k]) for k in OPTIONS) > 1e-3
+
+
 # ---- cloze: each option's full answer scored by likelihood, no letters ---------------------------
 
 CLOZE = {k: f"the circle is {v}." for k, v in OPTIONS.items()}

@@ -73,11 +73,17 @@ def test_every_stage_wrote_its_outputs(study):
     assert {"toy_mcq/overall", "toy_mcq/lik/overall"} <= set(ceiling)
     diag = json.loads((o / "metrics/diagnose-seed0.json").read_text())
     assert {"ppl/base/terse", "ppl/base/verbose", "ppl/proxy/verbose"} <= set(diag)
+    # the proxy LLM answers the ceiling's questions too: what the proxy stage kept of the base LLM's reading
+    proxy_ceiling = json.loads((o / "diagnose/seed0/scores.json").read_text())
+    assert set(ceiling) == set(proxy_ceiling) and diag["text_oracle/proxy/toy_mcq/overall"] == \
+        proxy_ceiling["toy_mcq/overall"]
+    assert json.loads((o / "diagnose/seed0/report.json").read_text())["proxy_adapter"].endswith("proxy/seed0")
     for f in ("comparison.md", "comparison.csv", "comparison.png"):
         assert (o / "compare" / f).stat().st_size > 0
     table = (o / "compare/comparison.md").read_text()
     assert "dpa − vanilla" in table and "| vanilla |" in table and "| dpa |" in table
     assert "| ceiling (text oracle) |" in table and "| reference (untrained connector) |" in table
+    assert "| proxy LLM, text oracle (what PMO kept) |" in table
     assert "## Likelihood" in table and "## Paired differences against vanilla" in table
     assert "## Image reliance after alignment" in table
     assert "dpa − vanilla" in first.stdout  # the repro ends with the table printed

@@ -258,14 +258,16 @@ def evaluate_text_oracle(
     device: str = "auto",
     limit: int | None = None,
     generator: GenerateFn | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """The text-oracle ceiling: the LLM alone (no image) answers each question with the row's scene_text
-    before the same prompt the MLLM gets, scored in both modes; same files and keys as evaluate_tsv."""
+    before the same prompt the MLLM gets, scored in both modes; same files and keys as evaluate_tsv.
+    `provenance` (e.g. an adapter merged into the generator's LM) is recorded in summary.json."""
     bench = read_tsv_benchmark(tsv_path, name=name, limit=limit)
     requests = text_oracle_requests(bench)
     generate = generator if generator is not None else TextChatModel(llm_dir, device=device)
     extra = {"tsv": str(Path(tsv_path).resolve()), "llm_dir": str(Path(llm_dir).resolve()) if llm_dir else None,
-             "text_oracle": True}
+             "text_oracle": True, **(provenance or {})}
     return _answer_and_score(bench, requests, generate, out_dir, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, likelihood=None, extra=extra,
                              cloze_requests=text_oracle_requests(bench, cloze_prompt))

@@ -149,15 +149,18 @@ def evaluate_text_oracles(
     max_new_tokens: int = 16,
     device: str = "auto",
     limit: int | None = None,
+    language_model=None,
+    provenance: dict | None = None,
 ) -> dict | None:
     """The text-oracle ceiling: the LLM alone answers every built-in benchmark that has a scene_text
     column, with the scene given as text. Same layout and keys as evaluate_all (scores.json,
     report.json, <name>/); returns the merged metrics, or None (nothing written) when no benchmark
-    has scene text."""
+    has scene text. `language_model`: ask this LM (in memory) with `llm_dir`'s tokenizer instead of
+    `llm_dir`'s own weights; `provenance` (e.g. the adapter merged into it) goes into report.json."""
     specs = text_oracle_specs(benchmarks)
     if not specs:
         return None
-    model = TextChatModel(llm_dir, device=device)
+    model = TextChatModel(llm_dir, device=device, model=language_model)
     scores: dict = {}
     report: list[dict] = []
     with atomic_dir(out_dir) as tmp:
@@ -166,9 +169,11 @@ def evaluate_text_oracles(
             scores.update(evaluate_text_oracle(
                 llm_dir, spec.path, tmp / spec.name, name=spec.name, generator=model,
                 batch_size=spec.option("batch_size", batch_size),
-                max_new_tokens=spec.option("max_new_tokens", max_new_tokens), limit=spec.option("limit", limit)))
+                max_new_tokens=spec.option("max_new_tokens", max_new_tokens), limit=spec.option("limit", limit),
+                provenance=provenance))
             report.append({"name": spec.name, "kind": "text_oracle", "status": "ok", "dir": spec.name,
                            "seconds": round(time.perf_counter() - start, 3)})
-        write_json_atomic(tmp / "report.json", {"llm_dir": str(Path(llm_dir).resolve()), "benchmarks": report})
+        write_json_atomic(tmp / "report.json", {"llm_dir": str(Path(llm_dir).resolve()), **(provenance or {}),
+                                                "benchmarks": report})
         write_json_atomic(tmp / "scores.json", check_flat(scores))
     return scores

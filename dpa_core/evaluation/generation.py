@@ -231,7 +231,10 @@ class TextChatModel(_ChatAnswerer):
     """A plain causal LM (e.g. the base LLM) answering text-only requests through its chat template:
     the text-oracle ceiling asks it the benchmark's questions with the scene given as text."""
 
-    def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: torch.dtype | None = None):
+    def __init__(self, model_dir: str | os.PathLike, device: str = "auto", dtype: torch.dtype | None = None,
+                 model: torch.nn.Module | None = None):
+        """`model`: an LM already in memory to ask instead of loading `model_dir`'s (e.g. the proxy LLM,
+        the base LLM with its LoRA merged); `model_dir` still gives the tokenizer and its chat template."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -243,8 +246,10 @@ class TextChatModel(_ChatAnswerer):
         self._tokenizer.padding_side = "left"
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=dtype or default_dtype(self.device)).to(self.device).eval()
+        dtype = dtype or default_dtype(self.device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        self.model = model.to(self.device, dtype).eval()
 
     @property
     def tokenizer(self):
