@@ -293,8 +293,9 @@ def test_evaluation_only_change_reruns_only_evaluation_and_compare(study):
     try:
         params.write_text(original.replace("max_new_tokens: 8", "max_new_tokens: 6"))
         would = stages_that_would_run(repo)
+        # diagnose asks the proxy LLM the ceiling's questions with the evaluate settings, so it reruns too
         assert would == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0", "evaluate_reference",
-                         "compare"}
+                         "diagnose@0", "compare"}
     finally:
         params.write_text(original)
 
