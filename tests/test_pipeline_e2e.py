@@ -286,6 +286,12 @@ def test_second_repro_runs_nothing(study):
     assert "Data and pipelines are up to date" in out
 
 
+# What an `evaluate` setting reruns at smoke size (one seed): every evaluation, and diagnose, which asks
+# the proxy LLM the ceiling's questions with the evaluate settings.
+STAGES_AN_EVALUATION_SETTING_RERUNS = {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0",
+                                       "evaluate_reference", "diagnose@0", "compare"}
+
+
 def test_evaluation_only_change_reruns_only_evaluation_and_compare(study):
     repo, _ = study
     params = repo / "params.yaml"
@@ -293,9 +299,7 @@ def test_evaluation_only_change_reruns_only_evaluation_and_compare(study):
     try:
         params.write_text(original.replace("max_new_tokens: 8", "max_new_tokens: 6"))
         would = stages_that_would_run(repo)
-        # diagnose asks the proxy LLM the ceiling's questions with the evaluate settings, so it reruns too
-        assert would == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0", "evaluate_reference",
-                         "diagnose@0", "compare"}
+        assert would == STAGES_AN_EVALUATION_SETTING_RERUNS
     finally:
         params.write_text(original)
 
@@ -321,9 +325,7 @@ def test_exp_run_sweeps_a_setting(study):
     repo, _ = study
     res = run(["dvc", "exp", "run", "-S", "evaluate.max_new_tokens=6"], repo)
     ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
-    # diagnose answers the ceiling's questions with the evaluate settings, so it reruns too
-    assert ran == {"evaluate_proxy@dpa-0", "evaluate@vanilla-0", "evaluate@no_align-0", "evaluate_reference",
-                   "diagnose@0", "compare"}, ran
+    assert ran == STAGES_AN_EVALUATION_SETTING_RERUNS, ran
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     assert "evaluate.max_new_tokens" in shown
 
