@@ -177,7 +177,8 @@ def test_dvc_params_diff_shows_the_profiles_values(qwen_repo):
     assert (diff["proxy.lora.r"]["old"], diff["proxy.lora.r"]["new"]) == (16, 256)
     assert (diff["profile"]["old"], diff["profile"]["new"]) == ("toy", "qwen2.5-7b")
     assert diff["model.llm"]["new"] == "models/Qwen2.5-7B-Instruct"
-    assert diff["proxy.train.learning_rate"]["new"] == pytest.approx(4e-5)
+    assert diff["finetune.train.learning_rate"]["new"] == pytest.approx(4e-5)
+    assert "proxy.train.learning_rate" not in diff  # the toy proxy already uses the paper's 4e-5
 
 
 def test_stages_read_only_params_yaml(qwen_repo):
