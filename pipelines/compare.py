@@ -17,7 +17,7 @@ import numpy as np
 from dpa_core.errors import DPAInputError
 from dpa_core.evaluation.flat_metrics import (CLOZE, LIKELIHOOD, category_key, is_likelihood_key, likelihood_key,
                                               metric_part, scoring_mode)
-from dpa_core.evaluation.paired import PairedDifference, paired_bootstrap, questions_needed
+from dpa_core.evaluation.paired import PairedDifference, paired_bootstrap, questions_needed, seeds_needed
 from dpa_core.io import atomic_dir, read_json, write_json_atomic, write_text_atomic
 
 AVERAGE = "average"
@@ -194,6 +194,25 @@ def bootstrap_pair(verdicts: dict, a: str, b: str, metric: str) -> PairedDiffere
 
 # ---- rendering ----------------------------------------------------------------------------------
 
+MAX_SEEDS = 1000  # beyond this, "more than": the seeds' spread swamps any study
+
+
+def _seeds_cell(b: PairedDifference) -> str:
+    """Seeds for the target half-width at this benchmark size ('–' with one seed or no discordance)."""
+    if b.var_seed_means is None or not b.discordance:
+        return "–"
+    seeds = seeds_needed(b, TARGET_HALF_WIDTH, MAX_SEEDS)
+    return str(seeds) if seeds is not None else f"> {MAX_SEEDS}"
+
+
+def _seed_sizing(b: PairedDifference) -> str:
+    """With several seeds: their spread, and how many seeds it takes to a ±2-point CI at this size."""
+    if b.var_seed_means is None or not b.discordance:
+        return ""
+    return (f"; the per-seed differences spread by {100 * b.var_seed_means ** 0.5:.1f} points (sd), and at "
+            f"{b.n_questions} questions a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points needs about "
+            f"{_seeds_cell(b)} seeds if new seeds spread alike")
+
 def label(arm: str) -> str:
     return LABELS.get(arm, arm)
 
@@ -308,7 +327,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
     if boots:
         md.write(f"## Paired differences against {BASELINE}\n\n")
         md.write("| pair | metric | difference | 95% CI | verdict | CI half-width | questions × seeds | discordant "
-                 f"| questions for ±{100 * TARGET_HALF_WIDTH:.0f} (one seed) |\n|" + "---|" * 9 + "\n")
+                 f"| questions for ±{100 * TARGET_HALF_WIDTH:.0f} (one seed) "
+                 f"| seeds for ±{100 * TARGET_HALF_WIDTH:.0f} (these questions) |\n|" + "---|" * 10 + "\n")
         for arm, per_metric in boots.items():
             for m, b in per_metric.items():
                 # With no discordant question there is nothing to size the benchmark by.
@@ -316,7 +336,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 stat_rows.append((arm, m, b, need))
                 md.write(f"| {arm} − {BASELINE} | {m} | {100 * b.mean:+.1f} | [{100 * b.ci_low:+.1f}, "
                          f"{100 * b.ci_high:+.1f}] | {b.verdict(arm, BASELINE)} | {100 * b.half_width:.1f} | "
-                         f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} |\n")
+                         f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} "
+                         f"| {_seeds_cell(b)} |\n")
         # The headline of every scoring mode: a benchmark's overall score by generation, letters, cloze.
         head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads or
                 (scoring_mode(m) is not None and m.endswith("/overall"))]
@@ -326,7 +347,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                       "no question was answered differently by the two arms, so the discordance that sizes the "
                       "benchmark is unknown")
             md.write(f"\n- {arm} − {BASELINE} on {m}: {b.verdict(arm, BASELINE)}; CI half-width "
-                     f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}.")
+                     f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}"
+                     f"{_seed_sizing(b)}.")
         md.write("\n\n")
         # What the no-alignment control says about the study itself.
         control = [f"- Control, {m}: {alignment_sensitivity(arm, b)}\n" for arm, m, b, _ in head
@@ -371,6 +393,10 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                         f"{key}/{m}/discordance": b.discordance}
             if b.discordance:
                 metrics[f"{key}/{m}/questions_for_2_points"] = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)
+                if b.var_seed_means is not None:
+                    metrics[f"{key}/{m}/seed_sd"] = b.var_seed_means ** 0.5
+                    if (seeds := seeds_needed(b, TARGET_HALF_WIDTH)) is not None:
+                        metrics[f"{key}/{m}/seeds_for_2_points"] = seeds
     metrics |= {f"{arm}/{k}": cell[0] for arm, r in rel.items() for k, cell in r.items()}
     plot_rows = [{"arm": label(arm), "metric": m, "score": table[arm][m][0]} for arm in arms for m in columns
                  if m in table[arm]]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.compare import build_comparison
+from pipelines.compare import bootstrap_pair, build_comparison, collect_verdicts
 from pipelines.params import load_params
 from pipelines.entrypoints import Layout
 
@@ -115,7 +115,7 @@ def test_missing_scores_say_which_arm(tmp_path):
 
 import numpy as np
 
-from dpa_core.evaluation.paired import paired_bootstrap, questions_needed
+from dpa_core.evaluation.paired import PairedDifference, ci_half_width, paired_bootstrap, questions_needed, seeds_needed
 from pipelines.compare import headline_keys
 
 
@@ -191,6 +191,29 @@ def test_questions_needed_formula():
     assert paired_bootstrap(a, b).half_width == pytest.approx(0.02, rel=0.1)
 
 
+def test_seeds_needed_is_the_ci_projected_to_more_seeds():
+    # the default study's cloze DPA − Vanilla at 5e98b2f, in round figures: 3 seeds that spread by 3.5 points
+    d = PairedDifference(mean=0.0, ci_low=-0.078, ci_high=0.078, n_questions=2703, n_seeds=3, discordance=0.26,
+                         var_questions=0.005 ** 2, var_seed_means=0.035 ** 2)
+    n = seeds_needed(d, 0.02)
+    assert n is not None and 10 < n < 30
+    assert ci_half_width(d.var_questions * 3 / n, d.var_seed_means, n, 2703) <= 0.02
+    assert ci_half_width(d.var_questions * 3 / (n - 1), d.var_seed_means, n - 1, 2703) > 0.02  # the smallest
+    assert seeds_needed(d, 0.04) < n  # a wider target needs fewer
+    one = PairedDifference(mean=0.0, ci_low=-0.02, ci_high=0.02, n_questions=2703, n_seeds=1, discordance=0.26)
+    assert seeds_needed(one) is None  # one seed says nothing about the seeds' spread
+    assert seeds_needed(d, 0.001, max_seeds=50) is None  # out of reach
+    # the projection holds: a pilot of 30 seeds pins the seeds' spread (5 points); studies with the seeds it
+    # asks for then get about the half-width asked for
+    rng = np.random.default_rng(0)
+    pilot = paired_bootstrap(*_verdict_grids(rng, 30, 1000, 0.05), n_resamples=200)
+    k = seeds_needed(pilot, 0.03)
+    assert k is not None and 5 < k < 40
+    halves = [paired_bootstrap(*_verdict_grids(rng, k, 1000, 0.05), n_resamples=200, seed=t).half_width
+              for t in range(40)]
+    assert float(np.mean(halves)) == pytest.approx(0.03, rel=0.25)
+
+
 def test_headline_keys_leave_likelihood_out_of_the_average():
     keys = ["toy_mcq/overall", "toy_mcq/color", "toy_mcq/lik/overall", "toy_mcq/lik/color", "text_facts/acc"]
     assert headline_keys(keys) == ["toy_mcq/overall", "text_facts/acc"]
@@ -230,6 +253,11 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     assert "dpa_minus_vanilla/toy_mcq/shape/questions_for_2_points" not in m  # no discordant question: no sizing
     assert m["dpa_minus_vanilla/toy_mcq/color/questions_for_2_points"] == questions_needed(
         m["dpa_minus_vanilla/toy_mcq/color/discordance"], m["dpa_minus_vanilla/toy_mcq/color"])
+    # two seeds: the seeds' spread and the seeds a ±2-point CI needs at this size, in the metrics and the table
+    color = bootstrap_pair(collect_verdicts(p, lay), "dpa", "vanilla", "toy_mcq/color")
+    assert m["dpa_minus_vanilla/toy_mcq/color/seed_sd"] == pytest.approx(color.var_seed_means ** 0.5)
+    assert m.get("dpa_minus_vanilla/toy_mcq/color/seeds_for_2_points") == seeds_needed(color, 0.02)
+    assert "seeds for ±2 (these questions)" in md and "seeds if new seeds spread alike" in md
     assert m["dpa_minus_vanilla/toy_mcq/lik/color"] == 0.0
     assert m["dpa_minus_vanilla/toy_mcq/color/n_questions"] == n
     lo, hi = m["dpa_minus_vanilla/toy_mcq/overall/ci_low"], m["dpa_minus_vanilla/toy_mcq/overall/ci_high"]

@@ -1,6 +1,6 @@
 """Paired comparison of two models on the same questions: the difference in accuracy with a 95%
 confidence interval over questions (bootstrap) and seeds (Student's t), and the number of questions a benchmark
-needs for a given CI half-width. See docs/evaluation.md ("Paired differences")."""
+(or of seeds a study) needs for a given CI half-width. See docs/evaluation.md ("Paired differences")."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ class PairedDifference:
     n_questions: int
     n_seeds: int
     discordance: float  # share of (seed, question) pairs on which exactly one of a, b is right
+    var_questions: float = 0.0  # se_q²: the question bootstrap's variance of the mean difference
+    var_seed_means: float | None = None  # s²: variance of the per-seed mean differences (None with one seed)
 
     @property
     def half_width(self) -> float:
@@ -64,16 +66,41 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, n_resamples: 
         k = min(chunk, n_resamples - start)
         stats[start:start + k] = columns[rng.integers(0, n_questions, size=(k, n_questions))].mean(axis=1)
     mean = float(diff.mean())
+    var_questions = float(stats.var(ddof=1))
+    var_seed_means = None
     if n_seeds == 1:
         low, high = np.percentile(stats, [2.5, 97.5])
     else:
-        var_questions = float(stats.var(ddof=1))
-        var_seeds = float(diff.mean(axis=1).var(ddof=1)) / n_seeds
-        half = float(student_t_quantile(welch_df(var_seeds, n_seeds - 1, var_questions, n_questions - 1))
-                     * math.sqrt(var_questions + var_seeds))
+        var_seed_means = float(diff.mean(axis=1).var(ddof=1))
+        half = ci_half_width(var_questions, var_seed_means, n_seeds, n_questions)
         low, high = mean - half, mean + half
     return PairedDifference(mean=mean, ci_low=float(low), ci_high=float(high), n_questions=n_questions,
-                            n_seeds=n_seeds, discordance=float((diff != 0).mean()))
+                            n_seeds=n_seeds, discordance=float((diff != 0).mean()), var_questions=var_questions,
+                            var_seed_means=var_seed_means)
+
+
+def ci_half_width(var_questions: float, var_seed_means: float, n_seeds: int, n_questions: int) -> float:
+    """The several-seed half-width of paired_bootstrap: t · sqrt(se_q² + s² / S)."""
+    var_seeds = var_seed_means / n_seeds
+    df = welch_df(var_seeds, n_seeds - 1, var_questions, n_questions - 1)
+    return float(student_t_quantile(df) * math.sqrt(var_questions + var_seeds))
+
+
+def seeds_needed(d: PairedDifference, half_width: float = 0.02, max_seeds: int = 1000) -> int | None:
+    """Seeds for a 95% CI half-width <= `half_width` at this benchmark's size, if new seeds spread like these.
+
+    paired_bootstrap's several-seed CI projected to S seeds: se_q² shrinks as S_now / S (each seed adds
+    its questions' verdicts) and s² / S as S. Needs two seeds or more (s² is unknown with one: None);
+    None also when more than `max_seeds` would be needed. Three seeds estimate s loosely, so this is
+    an order of magnitude, not a promise."""
+    if half_width <= 0:
+        raise ValueError("half_width must be positive")
+    if d.var_seed_means is None:
+        return None
+    for n in range(2, max_seeds + 1):
+        if ci_half_width(d.var_questions * d.n_seeds / n, d.var_seed_means, n, d.n_questions) <= half_width:
+            return n
+    return None
 
 
 def welch_df(var_a: float, df_a: int, var_b: float, df_b: int) -> float:
