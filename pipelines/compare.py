@@ -417,6 +417,9 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 figures |= {f"compare/minus_{BASELINE}/{m}/diff": b.mean, f"compare/minus_{BASELINE}/{m}/ci_low": b.ci_low,
                             f"compare/minus_{BASELINE}/{m}/ci_high": b.ci_high,
                             f"compare/minus_{BASELINE}/{m}/inconclusive": int(b.inconclusive)}
+                sized = metrics.get(f"{arm}_minus_{BASELINE}/{m}/seeds_for_2_points")
+                if sized is not None:
+                    figures[f"compare/minus_{BASELINE}/{m}/seeds_for_2_points"] = sized
             figures |= {f"compare/{k}/mean": cell[0] for k, cell in rel.get(arm, {}).items()}
             for seed in p.study.seeds:
                 log_parent(arm, seed, figures)

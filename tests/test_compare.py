@@ -254,9 +254,10 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     assert m["dpa_minus_vanilla/toy_mcq/color/questions_for_2_points"] == questions_needed(
         m["dpa_minus_vanilla/toy_mcq/color/discordance"], m["dpa_minus_vanilla/toy_mcq/color"])
     # two seeds: the seeds' spread and the seeds a ±2-point CI needs at this size, in the metrics and the table
-    color = bootstrap_pair(collect_verdicts(p, lay), "dpa", "vanilla", "toy_mcq/color")
-    assert m["dpa_minus_vanilla/toy_mcq/color/seed_sd"] == pytest.approx(color.var_seed_means ** 0.5)
-    assert m.get("dpa_minus_vanilla/toy_mcq/color/seeds_for_2_points") == seeds_needed(color, 0.02)
+    color_pair = bootstrap_pair(collect_verdicts(p, lay), "dpa", "vanilla", "toy_mcq/color")
+    assert m["dpa_minus_vanilla/toy_mcq/color/seed_sd"] == pytest.approx(color_pair.var_seed_means ** 0.5)
+    sized = seeds_needed(color_pair, 0.02)
+    assert sized is not None and m["dpa_minus_vanilla/toy_mcq/color/seeds_for_2_points"] == sized
     assert "seeds for ±2 (these questions)" in md and "seeds if new seeds spread alike" in md
     assert m["dpa_minus_vanilla/toy_mcq/lik/color"] == 0.0
     assert m["dpa_minus_vanilla/toy_mcq/color/n_questions"] == n
@@ -282,6 +283,7 @@ def test_bootstrap_verdicts_rows_and_parent_logging(tmp_path):
     assert {(a, s) for a, s, _ in logged} == {(a, s) for a in ("dpa", "vanilla", "cal") for s in (0, 1)}
     dpa0 = next(f for a, s, f in logged if (a, s) == ("dpa", 0))
     assert dpa0["compare/minus_vanilla/toy_mcq/color/ci_low"] > 0
+    assert dpa0.get("compare/minus_vanilla/toy_mcq/color/seeds_for_2_points") == seeds_needed(color_pair, 0.02)
     assert dpa0["compare/toy_mcq/overall/mean"] == pytest.approx(m["dpa/toy_mcq/overall"])
     assert (lay.compare() / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
