@@ -213,6 +213,7 @@ def _seed_sizing(b: PairedDifference) -> str:
             f"{b.n_questions} questions a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points needs about "
             f"{_seeds_cell(b)} seeds if new seeds spread alike")
 
+
 def label(arm: str) -> str:
     return LABELS.get(arm, arm)
 
