@@ -197,21 +197,26 @@ def bootstrap_pair(verdicts: dict, a: str, b: str, metric: str) -> PairedDiffere
 MAX_SEEDS = 1000  # beyond this, "more than": the seeds' spread swamps any study
 
 
-def _seeds_cell(b: PairedDifference) -> str:
-    """Seeds for the target half-width at this benchmark size ('–' with one seed or no discordance)."""
-    if b.var_seed_means is None or not b.discordance:
+def seed_sizes(boots: dict[str, dict[str, PairedDifference]]) -> dict[tuple[str, str], int | None]:
+    """(arm, metric) -> seeds for the target half-width at this benchmark size (None: more than MAX_SEEDS), for
+    the pairs with several seeds and a discordant question (the others have no spread to size by)."""
+    return {(arm, m): seeds_needed(b, TARGET_HALF_WIDTH, MAX_SEEDS) for arm, per in boots.items()
+            for m, b in per.items() if b.var_seed_means is not None and b.discordance}
+
+
+def _seeds_cell(sizes: dict, arm: str, m: str) -> str:
+    if (arm, m) not in sizes:
         return "–"
-    seeds = seeds_needed(b, TARGET_HALF_WIDTH, MAX_SEEDS)
-    return str(seeds) if seeds is not None else f"> {MAX_SEEDS}"
+    return str(sizes[arm, m]) if sizes[arm, m] is not None else f"> {MAX_SEEDS}"
 
 
-def _seed_sizing(b: PairedDifference) -> str:
+def _seed_sizing(sizes: dict, arm: str, m: str, b: PairedDifference) -> str:
     """With several seeds: their spread, and how many seeds it takes to a ±2-point CI at this size."""
-    if b.var_seed_means is None or not b.discordance:
+    if (arm, m) not in sizes:
         return ""
     return (f"; the per-seed differences spread by {100 * b.var_seed_means ** 0.5:.1f} points (sd), and at "
             f"{b.n_questions} questions a half-width ≤ {100 * TARGET_HALF_WIDTH:.0f} points needs about "
-            f"{_seeds_cell(b)} seeds if new seeds spread alike")
+            f"{_seeds_cell(sizes, arm, m)} seeds if new seeds spread alike")
 
 
 def label(arm: str) -> str:
@@ -305,6 +310,7 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 else (lambda s, m=m: s.get(m, math.nan))
             diffs[arm][m] = paired_difference(rows, arm, BASELINE, fn)
         boots[arm] = {m: b for m in columns if (b := bootstrap_pair(verdicts, arm, BASELINE, m)) is not None}
+    sizes = seed_sizes(boots)
 
     gen_columns = [c for c in columns if scoring_mode(c) is None]
     lik_columns = [c for c in columns if scoring_mode(c) == LIKELIHOOD]
@@ -338,7 +344,7 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 md.write(f"| {arm} − {BASELINE} | {m} | {100 * b.mean:+.1f} | [{100 * b.ci_low:+.1f}, "
                          f"{100 * b.ci_high:+.1f}] | {b.verdict(arm, BASELINE)} | {100 * b.half_width:.1f} | "
                          f"{b.n_questions} × {b.n_seeds} | {100 * b.discordance:.1f}% | {need or '–'} "
-                         f"| {_seeds_cell(b)} |\n")
+                         f"| {_seeds_cell(sizes, arm, m)} |\n")
         # The headline of every scoring mode: a benchmark's overall score by generation, letters, cloze.
         head = [(arm, m, b, need) for arm, m, b, need in stat_rows if m in heads or
                 (scoring_mode(m) is not None and m.endswith("/overall"))]
@@ -349,7 +355,7 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                       "benchmark is unknown")
             md.write(f"\n- {arm} − {BASELINE} on {m}: {b.verdict(arm, BASELINE)}; CI half-width "
                      f"{100 * b.half_width:.1f} points over {b.n_questions} questions × {b.n_seeds} seed(s); {sizing}"
-                     f"{_seed_sizing(b)}.")
+                     f"{_seed_sizing(sizes, arm, m, b)}.")
         md.write("\n\n")
         # What the no-alignment control says about the study itself.
         control = [f"- Control, {m}: {alignment_sensitivity(arm, b)}\n" for arm, m, b, _ in head
@@ -394,10 +400,10 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                         f"{key}/{m}/discordance": b.discordance}
             if b.discordance:
                 metrics[f"{key}/{m}/questions_for_2_points"] = questions_needed(b.discordance, b.mean, TARGET_HALF_WIDTH)
-                if b.var_seed_means is not None:
+                if (arm, m) in sizes:
                     metrics[f"{key}/{m}/seed_sd"] = b.var_seed_means ** 0.5
-                    if (seeds := seeds_needed(b, TARGET_HALF_WIDTH)) is not None:
-                        metrics[f"{key}/{m}/seeds_for_2_points"] = seeds
+                    if sizes[arm, m] is not None:
+                        metrics[f"{key}/{m}/seeds_for_2_points"] = sizes[arm, m]
     metrics |= {f"{arm}/{k}": cell[0] for arm, r in rel.items() for k, cell in r.items()}
     plot_rows = [{"arm": label(arm), "metric": m, "score": table[arm][m][0]} for arm in arms for m in columns
                  if m in table[arm]]
@@ -418,9 +424,8 @@ def build_comparison(p, layout, out_dir: Path, log_parent=None) -> dict:
                 figures |= {f"compare/minus_{BASELINE}/{m}/diff": b.mean, f"compare/minus_{BASELINE}/{m}/ci_low": b.ci_low,
                             f"compare/minus_{BASELINE}/{m}/ci_high": b.ci_high,
                             f"compare/minus_{BASELINE}/{m}/inconclusive": int(b.inconclusive)}
-                sized = metrics.get(f"{arm}_minus_{BASELINE}/{m}/seeds_for_2_points")
-                if sized is not None:
-                    figures[f"compare/minus_{BASELINE}/{m}/seeds_for_2_points"] = sized
+                if sizes.get((arm, m)) is not None:
+                    figures[f"compare/minus_{BASELINE}/{m}/seeds_for_2_points"] = sizes[arm, m]
             figures |= {f"compare/{k}/mean": cell[0] for k, cell in rel.get(arm, {}).items()}
             for seed in p.study.seeds:
                 log_parent(arm, seed, figures)
